@@ -1,0 +1,1 @@
+"""Native Phi-3-Vision: configuration, image processor, processor, model and checkpoint I/O."""

@@ -1,0 +1,274 @@
+"""Checkpoint I/O in the official Phi-3-V safetensors layout.
+
+Reference: the key table of ../shared/docs/phi3v-reference.md §2.2 (confirmed by vLLM, SGLang, MLC-LLM and the
+transformers PR converter) and the mapping onto stock transformers classes of §2.3.
+
+The official checkpoints and phi3v's modules share every name except one prefix: transformers 5's `CLIPVisionModel`
+has no `vision_model` submodule, so CLIP's keys lose that level. `KEY_RENAMES` is the whole map. Two kinds of official
+keys have no phi3v parameter:
+
+- `model.vision_embed_tokens.wte.weight` may appear in re-saves: the remote code's `wte` *is* `model.embed_tokens`,
+  so the tensor is a duplicate; it is shape-checked and dropped (`SHARED_KEYS`);
+- CLIP's layers after `layer_idx` and `post_layernorm` are stored but never computed: they are kept verbatim in
+  `Phi3VImageEmbedding.unused_clip_weights` and written back on save, so round trips are lossless.
+
+Loading reads each shard's header first (names and shapes of every tensor: unknown, missing or mis-shaped keys fail
+with their names before any data is read), then streams tensors one at a time into the target dtype and device.
+Weights are safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from .modeling import Phi3VForCausalLM
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+# (official prefix, phi3v prefix): the only renames between the checkpoint and phi3v's modules.
+KEY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("model.vision_embed_tokens.img_processor.vision_model.", "model.vision_embed_tokens.img_processor."),
+)
+# Official key -> the phi3v parameter it duplicates (checked for shape, then dropped).
+SHARED_KEYS: dict[str, str] = {"model.vision_embed_tokens.wte.weight": "model.embed_tokens.weight"}
+CLIP_PREFIX = "model.vision_embed_tokens.img_processor."  # phi3v name of the CLIP tower
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: the message names the keys or files."""
+
+
+def to_official_name(name: str) -> str:
+    """phi3v parameter name -> official checkpoint key."""
+    for official, ours in KEY_RENAMES:
+        if name.startswith(ours):
+            return official + name[len(ours) :]
+    return name
+
+
+def from_official_name(key: str) -> str:
+    """Official checkpoint key -> phi3v parameter name."""
+    for official, ours in KEY_RENAMES:
+        if key.startswith(official):
+            return ours + key[len(official) :]
+    return key
+
+
+def official_state_dict(
+    model: Phi3VForCausalLM, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors under their official keys, the not-computed CLIP tail included."""
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    out = {to_official_name(name): tensor for name, tensor in tensors.items()}
+    clip_dtype = model.vision.img_processor.embeddings.patch_embedding.weight.dtype
+    for name, tensor in model.vision.unused_clip_weights.items():
+        out[to_official_name(CLIP_PREFIX + name)] = tensor.to(clip_dtype)
+    return out
+
+
+def official_shapes(model: Phi3VForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape for every tensor the checkpoint must hold (works on a meta-device model)."""
+    return {key: tuple(tensor.shape) for key, tensor in official_state_dict(model).items()}
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init cost); buffers stay real.
+
+    Used to build a model whose weights come from a checkpoint: `load_official_checkpoint` then assigns each tensor.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+# -- locating files ---------------------------------------------------------------------------------------------------
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files listed in the index are missing: {', '.join(missing)}")
+        return files
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise CheckpointError(f"{folder}: only pickled weights found; phi3v loads safetensors only (never unpickles)")
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+
+
+# -- loading ----------------------------------------------------------------------------------------------------------
+def load_official_checkpoint(
+    model: Phi3VForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> None:
+    """Stream an official checkpoint into `model` (built under `empty_parameters()` or materialised).
+
+    Raises:
+        CheckpointError: naming every unexpected, missing or mis-shaped key, before any tensor data is read.
+    """
+    folder = Path(folder)
+    files = _weight_files(folder)
+    expected = official_shapes(model)
+
+    # Pass 1: headers only.
+    found: dict[str, Path] = {}
+    unexpected, misshaped, duplicated = [], [], []
+    for file in files:
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():  # noqa: SIM118 (a safetensors reader, not a dict)
+                shape = tuple(reader.get_slice(key).get_shape())
+                target = expected.get(key) or expected.get(SHARED_KEYS.get(key, ""))
+                if target is None:
+                    unexpected.append(key)
+                elif shape != target:
+                    misshaped.append(f"{key} (checkpoint {list(shape)}, model {list(target)})")
+                elif key in found:
+                    duplicated.append(key)
+                else:
+                    found[key] = file
+    missing = sorted(set(expected) - set(found))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(sorted(unexpected))}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {', '.join(sorted(misshaped))}")
+    if duplicated:
+        problems.append(f"keys in several shards: {', '.join(sorted(duplicated))}")
+    if problems:
+        raise CheckpointError(f"{folder} does not match {type(model).__name__}: " + "; ".join(problems))
+
+    # Pass 2: tensors, one at a time, straight into the target dtype and device.
+    unused = model.vision.unused_clip_weights
+    by_file: dict[Path, list[str]] = {}
+    for key, file in found.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as reader:
+            for key in keys:
+                if key in SHARED_KEYS:
+                    continue
+                name = from_official_name(key)
+                tensor = reader.get_tensor(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                if name.startswith(CLIP_PREFIX) and name[len(CLIP_PREFIX) :] in unused:
+                    unused[name[len(CLIP_PREFIX) :]] = tensor  # kept on the CPU, only written back
+                else:
+                    _set_parameter(model, name, tensor.to(device))
+    logger.info("loaded %d tensors from %d file(s) in %s", len(found), len(files), folder)
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:  # cannot happen after pass 1; kept as a guard against a model/map drift
+        raise CheckpointError(f"{name}: no such parameter in {type(model).__name__}")
+
+
+# -- saving -----------------------------------------------------------------------------------------------------------
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size {size!r}: use bytes or e.g. '4GB', '500MB'")
+    unit = match.group(2).upper()
+    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def save_official_checkpoint(
+    model: Phi3VForCausalLM,
+    folder: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = "4GB",
+) -> list[Path]:
+    """Write safetensors shards (+ index when more than one) in the official layout; returns the files written.
+
+    Each file is written to a temporary name and renamed, and shards of an earlier save that the new one does not
+    use are removed, so the folder never mixes two saves.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = official_state_dict(model, state_dict)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    written = []
+    for name, shard in zip(names, shards, strict=True):
+        data = {key: tensor.detach().to("cpu").contiguous() for key, tensor in shard.items()}
+        _atomic(folder / name, lambda tmp, data=data: save_file(data, tmp, metadata={"format": "pt"}))
+        written.append(folder / name)
+    index = folder / WEIGHTS_INDEX_NAME
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        payload = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+        _atomic(index, lambda tmp: Path(tmp).write_text(payload + "\n"))
+        written.append(index)
+    elif index.exists():
+        index.unlink()
+    for stale in folder.iterdir():
+        if SHARD_PATTERN.match(stale.name) and stale.name not in names:
+            stale.unlink()
+    logger.info("saved %d tensors in %d shard(s) to %s", len(tensors), len(shards), folder)
+    return written
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

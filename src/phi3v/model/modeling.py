@@ -1,0 +1,258 @@
+"""`Phi3VForCausalLM`: Phi-3-Vision natively on transformers' `Phi3ForCausalLM` and `CLIPVisionModel`.
+
+Reference: `Phi3VForCausalLM` / `Phi3VModel` in the hub's `modeling_phi3_v.py` (microsoft/Phi-3-vision-128k-instruct,
+microsoft/Phi-3.5-vision-instruct); ../shared/docs/phi3v-reference.md §2, §3.5, §6.
+
+The language model *is* transformers' `Phi3ForCausalLM` (same module and weight names as the official checkpoint, SDPA
+or flash-attention, longrope with the 4096-token switch, KV cache, gradient checkpointing); this class adds the image
+embedding under `model.vision_embed_tokens` (the official place) and one step before the decoder:
+
+    input_ids [B, T] --embed_tokens--> [B, T, D]
+    placeholder positions (input_ids == image_token_id) <-- masked_scatter -- image features [sum tokens, D]
+
+Placeholders are one real token id (`<|image|>`, 32044 officially) rather than the remote code's negative ids, which
+break `generate`'s logits processors. Images enter at prefill only; decode steps embed the new token alone.
+Loading and saving use the official safetensors layout (`checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, Phi3ForCausalLM, Phi3Model
+from transformers.cache_utils import Cache
+from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
+from transformers.utils import is_flash_attn_2_available
+
+from . import checkpoint
+from .configuration import Phi3VConfig
+from .hub import resolve_model_folder
+from .vision import Phi3VImageEmbedding
+
+logger = logging.getLogger(__name__)
+
+
+class Phi3VForCausalLM(Phi3ForCausalLM):
+    """Phi-3 language model + CLIP image embedding, loading and saving the official checkpoints unchanged."""
+
+    config_class = Phi3VConfig
+    config: Phi3VConfig
+    input_modalities = ("image", "text")
+    main_input_name = "input_ids"
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3PreTrainedModel.__init__(self, config)  # not Phi3ForCausalLM.__init__: the vision part joins before init
+        self.model = Phi3Model(config)
+        self.model.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def vision(self) -> Phi3VImageEmbedding:
+        return self.model.vision_embed_tokens
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding) and module.glb_GN.device.type != "meta":
+            # The remote code creates both separators as zeros.
+            with torch.no_grad():
+                module.glb_GN.zero_()
+                module.sub_GN.zero_()
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the image placeholders.
+
+        Args:
+            input_ids: ``[B, T]``, each image a run of `config.image_token_id` of its token count.
+            pixel_values: ``[n, num_crops + 1, 3, 336, 336]`` for the n images, in placeholder order.
+            image_sizes: ``[n, 2]`` padded HD (height, width).
+            cache: the KV cache; placeholders without images are allowed only when continuing from one.
+
+        Returns:
+            ``[B, T, hidden_size]``.
+
+        Raises:
+            ValueError: when the number of placeholders differs from the number of image features.
+        """
+        embeds = self.model.embed_tokens(input_ids)  # [B, T, D]
+        is_image = input_ids == self.config.image_token_id  # [B, T]
+        placeholders = int(is_image.sum())
+        if pixel_values is None:
+            if placeholders and (cache is None or cache.get_seq_length() == 0):
+                raise ValueError(
+                    f"input_ids hold {placeholders} image placeholder tokens (id {self.config.image_token_id}) "
+                    "but no pixel_values were given"
+                )
+            return embeds
+        if image_sizes is None:
+            raise ValueError("pixel_values were given without image_sizes")
+        features = self.vision(pixel_values, image_sizes)  # [tokens, D]
+        if features.shape[0] != placeholders:
+            raise ValueError(
+                f"input_ids hold {placeholders} image placeholder tokens (id {self.config.image_token_id}) but the "
+                f"{pixel_values.shape[0]} image(s) give {features.shape[0]} features (image_sizes "
+                f"{image_sizes.tolist()}); build inputs with Phi3VProcessor so each <|image_N|> expands to its "
+                "image's token count"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))  # [B, T, D]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """Phi3ForCausalLM's forward with images. `labels` use -100 for ignored positions; Trainer's
+        `num_items_in_batch` (in kwargs) reaches the loss so multi-process losses are normalised right."""
+        if "past_key_values" in kwargs:  # the pre-5.x name of `cache`
+            cache = kwargs.pop("past_key_values")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, cache)
+        elif pixel_values is not None:
+            raise ValueError("pass images with input_ids, not with inputs_embeds")
+        return super().forward(
+            input_ids=None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, pixel_values=None, image_sizes=None, is_first_iteration=False, **kwargs
+    ):
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # Images enter at prefill only. Without a cache (use_cache=False, or Phi3's cache reset when a sequence first
+        # crosses original_max_position_embeddings) the whole prefix, images included, is recomputed.
+        if is_first_iteration or model_inputs.get("cache") is None:
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_sizes"] = image_sizes
+        else:
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("image_sizes", None)
+        return model_inputs
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        config: Phi3VConfig | None = None,
+        **kwargs,
+    ) -> Phi3VForCausalLM:
+        """Load an official (or phi3v-saved) checkpoint from a folder or a hub id.
+
+        Weights stream shard by shard, tensor by tensor, straight into `dtype` on `device`: no full fp32 copy and no
+        random initialisation of a 4B model on the way. Unknown, missing or mis-shaped keys fail with their names.
+
+        Args:
+            pretrained_model_name_or_path: a local folder or a hub id such as "microsoft/Phi-3.5-vision-instruct".
+            dtype: "auto" (the checkpoint's `torch_dtype`), or a dtype such as torch.bfloat16 / torch.float32.
+            device: where the weights go (default CPU). `device_map` is not supported.
+            attn_implementation: "sdpa", "eager" or "flash_attention_2"; default flash-attention when installed and
+                the dtype is half precision on CUDA, else SDPA (the checkpoint's own "flash_attention_2" is ignored).
+            revision, cache_dir, local_files_only, token: passed to the hub download.
+            config: use this config instead of the folder's `config.json`.
+        """
+        if "torch_dtype" in kwargs:
+            dtype = kwargs.pop("torch_dtype")
+        if kwargs.pop("device_map", None) is not None:
+            raise ValueError("device_map is not supported: pass device=... (the model loads tensor by tensor)")
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+        folder = resolve_model_folder(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        if config is None:
+            config = Phi3VConfig.from_pretrained(folder)
+        if dtype == "auto":
+            dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        config._attn_implementation = attn_implementation or _default_attn_implementation(dtype, device)
+
+        with checkpoint.empty_parameters():
+            model = cls(config)
+        checkpoint.load_official_checkpoint(model, folder, dtype=dtype, device=device)
+        model.to(device)  # non-persistent buffers (rotary frequencies, CLIP position ids)
+        model.config.dtype = dtype
+        if (Path(folder) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.config.name_or_path = str(pretrained_model_name_or_path)
+        model.eval()
+        return model
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "4GB",
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        **kwargs,
+    ) -> None:
+        """Write the official layout: `config.json`, `generation_config.json` and safetensors shards with
+        `model.safetensors.index.json` (names as in microsoft/Phi-3-vision-128k-instruct), loadable by phi3v and by
+        the official remote code. `state_dict` (phi3v names, e.g. from Trainer) replaces the model's own tensors."""
+        if not safe_serialization:
+            raise ValueError("phi3v writes safetensors only")
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.dtype = self.dtype
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(folder)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
+        checkpoint.save_official_checkpoint(self, folder, state_dict=state_dict, max_shard_size=max_shard_size)
+
+
+def _default_attn_implementation(dtype: torch.dtype, device: torch.device) -> str:
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"

@@ -1,0 +1,25 @@
+"""Checks that need CUDA (skipped on CI and the CPU dev machines; run them where a GPU is lent)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import BOS, IMAGE_ID, image_batch, prompt_ids, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def test_bf16_forward_backward_on_cuda_matches_fp32_closely():
+    grids = [(1, 2), (2, 2)]
+    pixel_values, image_sizes = image_batch(grids, seed=13)
+    ids = prompt_ids(grids, [[BOS, 10], [11], [12]])[None]
+    labels = ids.masked_fill(ids == IMAGE_ID, -100)
+    fp32 = tiny_model(seed=13).cuda()
+    bf16 = tiny_model(seed=13).cuda().to(torch.bfloat16).train()
+    inputs = dict(input_ids=ids.cuda(), pixel_values=pixel_values.cuda(), image_sizes=image_sizes.cuda())
+    with torch.no_grad():
+        reference = fp32(**inputs, labels=labels.cuda()).loss
+    loss = bf16(**inputs, labels=labels.cuda()).loss
+    loss.backward()
+    assert abs(loss.item() - reference.item()) < 0.05 * reference.item()
+    assert all(p.grad is not None for p in bf16.parameters())

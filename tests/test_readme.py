@@ -1,0 +1,31 @@
+"""The README's Python example runs as written, against a tiny model saved in the official layout."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from model_helpers import tiny_model
+
+from phi3v import Phi3VImageProcessor, Phi3VProcessor
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_model_example_runs(tmp_path, monkeypatch, tiny_tokenizer, make_image, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert blocks, "README lost its Python example"
+    example = blocks[0]
+    folder = tmp_path / "model"
+    tiny_model(seed=12).save_pretrained(folder)
+    Phi3VProcessor(Phi3VImageProcessor(num_crops=16), tiny_tokenizer).save_pretrained(folder)
+    make_image(900, 600).save(tmp_path / "shirt.jpg")
+    monkeypatch.chdir(tmp_path)
+    # The only substitutions: a local folder for the hub id, the CPU for CUDA.
+    assert '"microsoft/Phi-3.5-vision-instruct"' in example and '"cuda"' in example
+    code = example.replace('"microsoft/Phi-3.5-vision-instruct"', repr(str(folder))).replace('"cuda"', '"cpu"')
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["processor"].image_processor.num_crops == 4  # the example's num_crops override took effect
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]  # it generated
+    assert isinstance(capsys.readouterr().out, str)
