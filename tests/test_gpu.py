@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from model_helpers import BOS, IMAGE_ID, image_batch, prompt_ids, tiny_model
 
 pytestmark = pytest.mark.gpu

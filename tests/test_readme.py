@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from model_helpers import tiny_model
-
 from phi3v import Phi3VImageProcessor, Phi3VProcessor
 
 README = Path(__file__).resolve().parents[1] / "README.md"

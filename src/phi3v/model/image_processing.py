@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -180,7 +181,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     * 16-bit integer modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``): the 0..65535 range is mapped to 8 bits by
       ``value >> 8``; mode ``I`` (32-bit) is clipped to 0..65535 first. Pillow's own conversion clips at 255,
       which turns almost every 16-bit photo white;
-    * ``F`` (float): clipped to 0..255 and truncated to ``uint8``;
+    * ``F`` (float): clipped to 0..255 (NaN -> 0) and truncated to ``uint8``;
     * everything else (``CMYK``, ``YCbCr``, ``L``, ``1``, ``P`` without transparency, ...): ``convert("RGB")``.
 
     Args:
@@ -208,10 +209,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode == "I":
             values = np.clip(values, 0, 65535)
         grey = (values.astype(np.uint32) >> 8).astype(np.uint8)  # [H, W]
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(grey).convert("RGB")
     if mode == "F":
-        grey = np.clip(np.asarray(image), 0.0, 255.0).astype(np.uint8)  # [H, W]
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        values = np.nan_to_num(np.asarray(image), nan=0.0)  # [H, W] float32
+        grey = np.clip(values, 0.0, 255.0).astype(np.uint8)  # [H, W]
+        return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")
 
 
@@ -312,6 +314,24 @@ def _empty_float32(*shape: int) -> torch.Tensor:
     faults, which is most of the copy time on machines with expensive faults (measured in benchmarks/RESULTS.md).
     """
     return torch.from_numpy(np.empty(shape, dtype=np.float32))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch_hd(channels: int, height: int, width: int) -> torch.Tensor:
+    """Per-thread reusable float32 buffer for the HD tensor, viewed as ``[channels, height, width]``.
+
+    The HD tensor only lives inside one ``preprocess`` call (the output gets copies of it), so the buffer is
+    reused: writing into already-mapped memory avoids the page faults of a fresh 20 MB allocation per image. The
+    buffer keeps the size of the largest HD image seen in the thread (at most ``num_crops`` × 1.35 MB).
+    """
+    numel = channels * height * width
+    buffer = getattr(_SCRATCH, "hd", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _empty_float32(numel)
+        _SCRATCH.hd = buffer
+    return buffer[:numel].view(channels, height, width)
 
 
 def _resize_like_reference(image: Image.Image, plan: _HDPlan) -> Image.Image:
@@ -455,17 +475,17 @@ class Phi3VImageProcessor(BaseImageProcessor):
         resized = _resize_like_reference(image, plan)
         pixels = np.asarray(resized)  # [h, w, 3] uint8, read-only view of a bytes copy
         planar = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, h, w] uint8, writable
-        hd = _empty_float32(3, plan.height, plan.width)  # [3, H, W]
+        hd = _scratch_hd(3, plan.height, plan.width)  # [3, H, W]
         top, left = plan.pad_top, plan.pad_left
         bottom, right = top + plan.resized_height, left + plan.resized_width
-        # White padding as 255 before the normalisation: it then goes through exactly the reference's ops.
-        hd[:, :top].fill_(_WHITE)
-        hd[:, bottom:].fill_(_WHITE)
-        hd[:, top:bottom, :left].fill_(_WHITE)
-        hd[:, top:bottom, right:].fill_(_WHITE)
-        hd[:, top:bottom, left:right].copy_(planar)  # uint8 -> float32
-        # ToTensor: x / 255; Normalize: (x - mean) / std -- same ops and order as torchvision, in place.
-        hd.div_(255)
+        # ToTensor: float32(x) / 255, written straight into the HD buffer (the uint8 -> float32 cast and the division
+        # are the same per-element ops as torchvision's ``img.to(float32).div(255)``). White padding: 255 / 255 = 1.
+        hd[:, :top].fill_(_WHITE / 255)
+        hd[:, bottom:].fill_(_WHITE / 255)
+        hd[:, top:bottom, :left].fill_(_WHITE / 255)
+        hd[:, top:bottom, right:].fill_(_WHITE / 255)
+        torch.div(planar, 255, out=hd[:, top:bottom, left:right])
+        # Normalize: (x - mean) / std, same ops and order as torchvision (sub_ then div_), in place.
         hd.sub_(mean)
         hd.div_(std)
         return hd
@@ -516,6 +536,8 @@ class Phi3VImageProcessor(BaseImageProcessor):
         unknown = sorted(key for key, value in kwargs.items() if value is not None)
         if unknown:
             raise TypeError(f"Phi3VImageProcessor.preprocess got unsupported arguments: {unknown}")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         if isinstance(images, (list, tuple)):
             image_list = list(images)
         else:
@@ -525,9 +547,8 @@ class Phi3VImageProcessor(BaseImageProcessor):
 
         rgb_images = [self._as_rgb_image(image) for image in image_list]
         mean, std = self._normalisation_constants()
-        pixel_values = torch.empty(
-            len(rgb_images), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE
-        )  # [n, K+1, 3, 336, 336]
+        batch_shape = (len(rgb_images), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
+        pixel_values = _empty_float32(*batch_shape)  # [n, num_crops + 1, 3, 336, 336]
         image_sizes = [self._fill_crops(image, pixel_values[i], mean, std) for i, image in enumerate(rgb_images)]
         token_counts = [num_image_tokens(h // CROP_SIZE, w // CROP_SIZE, self.num_img_tokens) for h, w in image_sizes]
         data: dict[str, Any] = {
@@ -537,12 +558,9 @@ class Phi3VImageProcessor(BaseImageProcessor):
         }
         if return_tensors in ("pt", "np"):
             data["image_sizes"] = torch.tensor(image_sizes, dtype=torch.int64)  # [n, 2]
-            if return_tensors == "np":
-                data["pixel_values"] = pixel_values.numpy()
-                data["image_sizes"] = data["image_sizes"].numpy()
-            return BatchFeature(data=data)
-        if return_tensors is not None:
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        if return_tensors == "np":
+            data["pixel_values"] = pixel_values.numpy()
+            data["image_sizes"] = data["image_sizes"].numpy()
         return BatchFeature(data=data)
 
     def __call__(

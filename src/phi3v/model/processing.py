@@ -20,7 +20,7 @@ Deliberate differences from the reference, all documented on the methods below:
 - `Phi3VProcessor.build_training_batch` for supervised fine-tuning labels (answer-only loss);
 - ``save_pretrained`` / ``from_pretrained`` are explicit (no ``trust_remote_code``, no auto-class registration)
   and accept image-processor overrides such as ``num_crops=4`` at load time, like the official README's
-  ``AutoProcessor.from_pretrained(model_id, trust_remote_code=True, num_crops=4)``.
+  ``AutoProcessor.from_pretrained(model_id, num_crops=4)`` with the hub's remote code.
 """
 
 from __future__ import annotations
@@ -365,10 +365,10 @@ class Phi3VProcessor(ProcessorMixin):
             `list[str]`: The files written.
 
         Raises:
-            NotImplementedError: If ``push_to_hub`` is True.
+            ValueError: If ``push_to_hub`` is True.
         """
         if push_to_hub:
-            raise NotImplementedError("push_to_hub is not supported: save, then upload with huggingface_hub")
+            raise ValueError("push_to_hub is not supported: save, then upload with huggingface_hub")
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         files = [os.fspath(f) for f in self.tokenizer.save_pretrained(save_directory)]
