@@ -22,6 +22,7 @@ import io
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +31,12 @@ import numpy as np
 import PIL
 import torch
 import transformers
-from PIL import Image, ImageOps
+from PIL import Image
 
 from phi3v.model.image_processing import Phi3VImageProcessor, _hd_plan, _resize_like_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_hd import reference_pixel_values
 
 SIDE = 1500
 NUM_CROPS = (4, 16)
@@ -82,43 +86,6 @@ def photo_like_jpeg(side: int = SIDE, quality: int = 90, seed: int = 0) -> bytes
     return buffer.getvalue()
 
 
-def reference_style_preprocess(image: Image.Image, num_crops: int) -> torch.Tensor:
-    """The reference pipeline written the way the hub code runs it (torchvision ops spelled out), for comparison.
-
-    Transpose / resize / pad in PIL, ``ToTensor`` as torchvision does it (HWC -> CHW copy, float, / 255),
-    ``Normalize`` in place, bicubic global view, ``reshape/permute`` crops, ``cat`` and zero padding.
-    """
-    width, height = image.size
-    transposed = width < height
-    if transposed:
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-        width, height = image.size
-    ratio = width / height
-    scale = 1
-    while scale * np.ceil(scale / ratio) <= num_crops:
-        scale += 1
-    scale -= 1
-    new_w = int(scale * 336)
-    new_h = int(new_w / ratio)
-    if image.size != (new_w, new_h):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    target = int(np.ceil(new_h / 336) * 336)
-    top = int((target - new_h) / 2)
-    image = ImageOps.expand(image, border=(0, top, 0, target - new_h - top), fill=(255, 255, 255))
-    if transposed:
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-    hd = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    mean = torch.as_tensor([0.48145466, 0.4578275, 0.40821073]).view(-1, 1, 1)
-    std = torch.as_tensor([0.26862954, 0.26130258, 0.27577711]).view(-1, 1, 1)
-    hd = hd.sub_(mean).div_(std)  # [3, H, W]
-    h, w = hd.shape[1:]
-    global_image = torch.nn.functional.interpolate(hd.unsqueeze(0), size=(336, 336), mode="bicubic")
-    crops = hd.reshape(1, 3, h // 336, 336, w // 336, 336).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, 336, 336)
-    out = torch.cat([global_image, crops.contiguous()])  # [1 + h*w crops, 3, 336, 336]
-    padding = torch.zeros(num_crops + 1 - out.shape[0], 3, 336, 336)
-    return torch.stack([torch.cat([out, padding])])  # [1, num_crops + 1, 3, 336, 336]
-
-
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
     try:
@@ -163,7 +130,9 @@ def run(repeats: int, warmup: int) -> tuple[str, dict[str, dict[str, float]]]:
     plans = {k: _hd_plan(SIDE, SIDE, k) for k in NUM_CROPS}
 
     identical = all(
-        torch.equal(processors[k].preprocess(decoded)["pixel_values"], reference_style_preprocess(decoded, k))
+        torch.equal(
+            processors[k].preprocess(decoded)["pixel_values"], reference_pixel_values(decoded, k)[0].unsqueeze(0)
+        )
         for k in NUM_CROPS
     )
 
@@ -171,7 +140,7 @@ def run(repeats: int, warmup: int) -> tuple[str, dict[str, dict[str, float]]]:
     for k in NUM_CROPS:
         tasks[f"preprocess_{k}"] = lambda k=k: processors[k].preprocess(decoded)
         tasks[f"resize_{k}"] = lambda k=k: _resize_like_reference(decoded, plans[k])
-        tasks[f"reference_{k}"] = lambda k=k: reference_style_preprocess(decoded, k)
+        tasks[f"reference_{k}"] = lambda k=k: reference_pixel_values(decoded, k)[0].unsqueeze(0)
     stats = {name: summarise(samples) for name, samples in time_interleaved(tasks, repeats, warmup).items()}
 
     decode = stats["decode"]["median"]

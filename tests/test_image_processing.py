@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from phi3v.model.image_processing import (
     CROP_SIZE,
@@ -29,6 +29,7 @@ from phi3v.model.image_processing import (
     num_image_tokens,
     to_rgb,
 )
+from reference_hd import reference_hd_image, reference_normalised, reference_pixel_values, reference_token_count
 
 # Official preprocessor_config.json contents (reference §1.4).
 PHI3_V_PREPROCESSOR_CONFIG = {
@@ -71,58 +72,6 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def constant_image(width: int, height: int) -> Image.Image:
     return Image.new("RGB", (width, height), (90, 140, 200))
-
-
-def reference_hd_image(img: Image.Image, hd_num: int) -> Image.Image:
-    """``HD_transform`` of the reference, with torchvision's PIL resize/pad spelled out in Pillow."""
-    width, height = img.size
-    trans = False
-    if width < height:
-        img = img.transpose(Image.Transpose.TRANSPOSE)
-        trans = True
-        width, height = img.size
-    ratio = width / height
-    scale = 1
-    while scale * np.ceil(scale / ratio) <= hd_num:
-        scale += 1
-    scale -= 1
-    new_w = int(scale * 336)
-    new_h = int(new_w / ratio)
-    if img.size != (new_w, new_h):  # torchvision.transforms.functional.resize returns the input when sizes match
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    # padding_336: white, vertically centred
-    tar = int(np.ceil(new_h / 336) * 336)
-    top = int((tar - new_h) / 2)
-    bottom = tar - new_h - top
-    img = ImageOps.expand(img, border=(0, top, 0, bottom), fill=(255, 255, 255))
-    if trans:
-        img = img.transpose(Image.Transpose.TRANSPOSE)
-    return img
-
-
-def reference_normalised(hd_img: Image.Image) -> torch.Tensor:
-    """ToTensor + Normalize in numpy (float32 throughout), returned as a [3, H, W] tensor."""
-    arr = np.asarray(hd_img).astype(np.float32) / np.float32(255)  # [H, W, 3]
-    mean = np.asarray(OPENAI_CLIP_MEAN, dtype=np.float32)
-    std = np.asarray(OPENAI_CLIP_STD, dtype=np.float32)
-    arr = (arr - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # [3, H, W]
-
-
-def reference_pixel_values(img: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int]]:
-    hd = reference_normalised(reference_hd_image(img.convert("RGB"), num_crops))  # [3, H, W]
-    h, w = hd.shape[1:]
-    global_image = torch.nn.functional.interpolate(hd.unsqueeze(0), size=(336, 336), mode="bicubic")
-    crops = hd.reshape(1, 3, h // 336, 336, w // 336, 336).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, 336, 336)
-    out = torch.cat([global_image, crops])
-    if out.shape[0] < num_crops + 1:
-        out = torch.cat([out, torch.zeros(num_crops + 1 - out.shape[0], 3, 336, 336)])
-    return out, [h, w]
-
-
-def reference_token_count(h: int, w: int) -> int:
-    """Formula as written in the reference after hub PR #51 (§4.6)."""
-    return int(((h // 336) * (w // 336) + 1) * 144 + 1 + (h // 336 + 1) * 12)
 
 
 def white_value() -> torch.Tensor:

@@ -353,3 +353,25 @@ def test_lora_adapters_on_lm_clip_and_projector_all_receive_gradients():
     assert any("img_processor" in n for n in trainable) and any("img_projection" in n for n in trainable)
     assert any("qkv_proj" in n for n in trainable)
     assert [n for n, p in trainable.items() if p.grad is None or not p.grad.any()] == []
+
+
+def test_generation_across_the_4096_longrope_switch_refeeds_the_images():
+    """Phi3 drops the cache when a sequence first passes original_max_position_embeddings (short -> long rope
+    factors) and recomputes the prefix: the images must enter again then, and the result must equal no-cache."""
+    model = tiny_model(seed=14)
+    grids = [(2, 2)]
+    pixel_values, image_sizes = image_batch(grids, seed=14)
+    filler = [10 + (i % 50) for i in range(4090 - image_tokens(2, 2) - 3)]
+    ids = prompt_ids(grids, [[BOS, 11], filler])[None]  # 4090 tokens: generation crosses 4096
+    assert ids.shape[1] == 4090
+    kwargs = dict(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=10)
+    kwargs.update(do_sample=False, pad_token_id=3, eos_token_id=None)
+    calls = []
+    hook = model.vision.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        cached = model.generate(**kwargs, use_cache=True)
+    hook.remove()
+    assert len(calls) == 2  # prefill, then the recomputed prefix past 4096
+    with torch.no_grad():
+        uncached = model.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
