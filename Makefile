@@ -30,6 +30,7 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/processor.py
+	$(BIN)/python benchmarks/model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

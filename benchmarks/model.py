@@ -20,6 +20,7 @@ import time
 import torch
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
+from phi3v.model.image_processing import num_image_tokens
 
 
 def grid_for(num_crops: int) -> tuple[int, int]:
@@ -29,7 +30,7 @@ def grid_for(num_crops: int) -> tuple[int, int]:
 
 def make_batch(config: Phi3VConfig, num_crops: int, batch: int, device: torch.device, dtype: torch.dtype):
     h, w = grid_for(num_crops)
-    tokens = (h * w + 1) * 144 + 1 + (h + 1) * 12
+    tokens = num_image_tokens(h, w, config.num_img_tokens)
     text = torch.randint(10, min(config.vocab_size, 30000), (batch, 40), device=device)
     image = torch.full((batch, tokens), config.image_token_id, device=device)
     ids = torch.cat([text[:, :20], image, text[:, 20:]], dim=1)  # [B, T]

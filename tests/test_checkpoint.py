@@ -224,3 +224,23 @@ def test_loading_streams_into_the_target_dtype_without_a_full_fp32_copy(tmp_path
     peak_increase, bf16_bytes = map(int, result.stdout.split())
     assert bf16_bytes < fp32_bytes * 0.55
     assert peak_increase < bf16_bytes + 0.5 * fp32_bytes, (peak_increase, bf16_bytes, fp32_bytes)
+
+
+def test_load_state_dict_accepts_the_official_layout_as_trainer_resume_does(saved):
+    """Trainer reloads checkpoints with `model.load_state_dict(<tensors of the saved files>)`."""
+    model, folder = saved
+    other = tiny_model(seed=99)
+    result = other.load_state_dict(load_all(folder), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same_weights(model, other)  # CLIP (renamed keys) and the unused CLIP tail included
+    other.load_state_dict(tiny_model(seed=5).state_dict())  # phi3v names still load as they are
+
+
+def test_a_resave_holding_only_the_shared_wte_loads_it_as_the_embedding(saved, tmp_path):
+    model, _ = saved
+
+    def only_wte(tensors):
+        tensors["model.vision_embed_tokens.wte.weight"] = tensors.pop("model.embed_tokens.weight")
+
+    folder = single_file_copy(saved, tmp_path, only_wte)
+    assert_same_weights(model, Phi3VForCausalLM.from_pretrained(folder))

@@ -106,3 +106,17 @@ def test_unsupported_or_inconsistent_configs_fail_clearly(overrides, message):
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="tiny"):
         Phi3VConfig.from_name("phi-4-vision")
+
+
+def test_optional_keys_keep_the_3v_form_but_never_lose_a_changed_value(tmp_path):
+    config = Phi3VConfig.from_name("phi-3-vision-128k-instruct", resid_pdrop=0.1)
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["resid_pdrop"] == 0.1  # changed: written although 3-V's file has no such key
+    assert "embd_pdrop" not in written and "pad_token_id" not in written  # unchanged defaults: 3-V form kept
+    assert Phi3VConfig.from_pretrained(tmp_path).resid_pdrop == 0.1
+
+
+def test_tied_embeddings_are_rejected():
+    with pytest.raises(Exception, match="tie_word_embeddings"):
+        Phi3VConfig.from_name("tiny", tie_word_embeddings=True)

@@ -24,3 +24,21 @@ def test_bf16_forward_backward_on_cuda_matches_fp32_closely():
     loss.backward()
     assert abs(loss.item() - reference.item()) < 0.05 * reference.item()
     assert all(p.grad is not None for p in bf16.parameters())
+
+
+def test_from_pretrained_on_cuda_in_bf16_then_generate(tmp_path):
+    tiny_model(seed=17).save_pretrained(tmp_path)
+    from phi3v import Phi3VForCausalLM
+
+    model = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    grids = [(2, 2)]
+    pixel_values, image_sizes = image_batch(grids, seed=17)
+    ids = prompt_ids(grids, [[BOS, 10], [11]])[None]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=3, eos_token_id=None)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.cuda(), pixel_values=pixel_values.cuda(), image_sizes=image_sizes.cuda(), **kwargs
+        )
+    assert out.shape == (1, ids.shape[1] + 6)

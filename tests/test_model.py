@@ -375,3 +375,41 @@ def test_generation_across_the_4096_longrope_switch_refeeds_the_images():
     with torch.no_grad():
         uncached = model.generate(**kwargs, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_expansion_for_beams_keeps_each_samples_own_images():
+    """Beam search / num_return_sequences repeat samples; a sample's several images must stay together."""
+    model = tiny_model(seed=15)
+    grids = [(1, 1), (1, 2), (2, 1)]  # sample 0 has images 0 and 1, sample 1 has image 2
+    pixel_values, image_sizes = image_batch(grids, seed=15)
+    a = prompt_ids(grids[:2], [[BOS, 11], [12], [13]])
+    b = prompt_ids(grids[2:], [[BOS, 11], [12]])
+    b = torch.cat([torch.full((a.numel() - b.numel(),), 3), b])
+    ids = torch.stack([a, b])
+    expanded_ids, kwargs = model._expand_inputs_for_generation(
+        expand_size=2, input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes
+    )
+    assert image_sizes[[0, 1, 0, 1, 2, 2]].tolist() == kwargs["image_sizes"].tolist()
+    with torch.no_grad():
+        once = model.embed_inputs(ids, pixel_values, image_sizes)
+        twice = model.embed_inputs(expanded_ids, kwargs["pixel_values"], kwargs["image_sizes"])
+    assert torch.equal(twice, once.repeat_interleave(2, dim=0))
+    with torch.no_grad():
+        beams = model.generate(
+            input_ids=a[None],
+            pixel_values=pixel_values[:2],
+            image_sizes=image_sizes[:2],
+            num_beams=2,
+            num_return_sequences=2,
+            max_new_tokens=4,
+            pad_token_id=3,
+            eos_token_id=None,
+        )
+    assert beams.shape == (2, a.numel() + 4)
+
+
+def test_default_generation_config_keeps_the_config_token_ids():
+    with checkpoint.empty_parameters():
+        model = Phi3VForCausalLM(Phi3VConfig.from_name("phi-3-vision-128k-instruct"))
+    generation = model.generation_config
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 32000)

@@ -27,4 +27,4 @@ def test_readme_model_example_runs(tmp_path, monkeypatch, tiny_tokenizer, make_i
     exec(compile(code, str(README), "exec"), namespace)
     assert namespace["processor"].image_processor.num_crops == 4  # the example's num_crops override took effect
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]  # it generated
-    assert isinstance(capsys.readouterr().out, str)
+    assert capsys.readouterr().out.strip()  # and printed the decoded answer

@@ -46,7 +46,8 @@ SHARD_PATTERN = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 KEY_RENAMES: tuple[tuple[str, str], ...] = (
     ("model.vision_embed_tokens.img_processor.vision_model.", "model.vision_embed_tokens.img_processor."),
 )
-# Official key -> the phi3v parameter it duplicates (checked for shape, then dropped).
+# Official key -> the phi3v parameter it duplicates: shape-checked, then dropped (or used, when a re-save stored only
+# the duplicate).
 SHARED_KEYS: dict[str, str] = {"model.vision_embed_tokens.wte.weight": "model.embed_tokens.weight"}
 CLIP_PREFIX = "model.vision_embed_tokens.img_processor."  # phi3v name of the CLIP tower
 
@@ -127,22 +128,21 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 # -- loading ----------------------------------------------------------------------------------------------------------
-def load_official_checkpoint(
-    model: Phi3VForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> None:
-    """Stream an official checkpoint into `model` (built under `empty_parameters()` or materialised).
+def scan_official_checkpoint(model: Phi3VForCausalLM, folder: str | os.PathLike) -> dict[str, tuple[Path, str]]:
+    """Check a checkpoint against `model` from the shard headers alone (no tensor data is read).
+
+    Returns:
+        official key -> (file, key stored in that file), for every tensor the model needs.
 
     Raises:
-        CheckpointError: naming every unexpected, missing or mis-shaped key, before any tensor data is read.
+        CheckpointError: naming every unexpected, missing, mis-shaped or duplicated key.
     """
     folder = Path(folder)
-    files = _weight_files(folder)
     expected = official_shapes(model)
-
-    # Pass 1: headers only.
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, str]] = {}
+    shared: dict[str, tuple[Path, str]] = {}
     unexpected, misshaped, duplicated = [], [], []
-    for file in files:
+    for file in _weight_files(folder):
         with safe_open(file, framework="pt") as reader:
             for key in reader.keys():  # noqa: SIM118 (a safetensors reader, not a dict)
                 shape = tuple(reader.get_slice(key).get_shape())
@@ -151,10 +151,14 @@ def load_official_checkpoint(
                     unexpected.append(key)
                 elif shape != target:
                     misshaped.append(f"{key} (checkpoint {list(shape)}, model {list(target)})")
-                elif key in found:
+                elif key in found or key in shared:
                     duplicated.append(key)
+                elif key in SHARED_KEYS:
+                    shared[SHARED_KEYS[key]] = (file, key)
                 else:
-                    found[key] = file
+                    found[key] = (file, key)
+    for target, source in shared.items():
+        found.setdefault(target, source)  # a re-save that kept only `wte` (the remote code's alias)
     missing = sorted(set(expected) - set(found))
     problems = []
     if missing:
@@ -167,26 +171,55 @@ def load_official_checkpoint(
         problems.append(f"keys in several shards: {', '.join(sorted(duplicated))}")
     if problems:
         raise CheckpointError(f"{folder} does not match {type(model).__name__}: " + "; ".join(problems))
+    return found
 
-    # Pass 2: tensors, one at a time, straight into the target dtype and device.
+
+def load_official_checkpoint(
+    model: Phi3VForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> None:
+    """Stream an official checkpoint into `model` (built under `empty_parameters()` or materialised).
+
+    Every header is checked first (`scan_official_checkpoint`); then tensors are read one at a time, straight into
+    `dtype` on `device`.
+    """
+    folder = Path(folder)
+    found = scan_official_checkpoint(model, folder)
     unused = model.vision.unused_clip_weights
-    by_file: dict[Path, list[str]] = {}
-    for key, file in found.items():
-        by_file.setdefault(file, []).append(key)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for key, (file, stored) in found.items():
+        by_file.setdefault(file, []).append((key, stored))
     for file, keys in by_file.items():
         with safe_open(file, framework="pt") as reader:
-            for key in keys:
-                if key in SHARED_KEYS:
-                    continue
+            for key, stored in keys:
                 name = from_official_name(key)
-                tensor = reader.get_tensor(key)
+                tensor = reader.get_tensor(stored)
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 if name.startswith(CLIP_PREFIX) and name[len(CLIP_PREFIX) :] in unused:
                     unused[name[len(CLIP_PREFIX) :]] = tensor  # kept on the CPU, only written back
                 else:
                     _set_parameter(model, name, tensor.to(device))
-    logger.info("loaded %d tensors from %d file(s) in %s", len(found), len(files), folder)
+    logger.info("loaded %d tensors from %d file(s) in %s", len(found), len(by_file), folder)
+
+
+def official_state_dict_pre_hook(model: Phi3VForCausalLM, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: accept official-layout keys (as written by `save_pretrained`).
+
+    Official names are mapped to phi3v's, the shared `wte` duplicate is dropped, and the not-computed CLIP tail goes
+    to `unused_clip_weights`; phi3v names pass unchanged. Trainer's resume and best-model reload rely on this.
+    """
+    unused = model.vision.unused_clip_weights
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix) :]
+        if local in SHARED_KEYS:
+            tensor = state_dict.pop(key)
+            state_dict.setdefault(prefix + SHARED_KEYS[local], tensor)
+            continue
+        name = from_official_name(local)
+        if name.startswith(CLIP_PREFIX) and name[len(CLIP_PREFIX) :] in unused:
+            unused[name[len(CLIP_PREFIX) :]] = state_dict.pop(key).detach().clone()
+        elif name != local:
+            state_dict[prefix + name] = state_dict.pop(key)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -218,7 +251,7 @@ def save_official_checkpoint(
     folder: str | os.PathLike,
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
-    max_shard_size: int | str = "4GB",
+    max_shard_size: int | str = "5GB",
 ) -> list[Path]:
     """Write safetensors shards (+ index when more than one) in the official layout; returns the files written.
 

@@ -98,10 +98,8 @@ OFFICIAL_KEYS: tuple[str, ...] = (
     "vocab_size",
     "_attn_implementation",
 )
-# Official keys that only one of the two files has, or that only the hub files carry.
-OPTIONAL_KEYS = frozenset(
-    {"embd_pdrop", "resid_pdrop", "pad_token_id", "auto_map", "_attn_implementation", "_name_or_path"}
-)
+# Official keys that 3-V's file lacks: written back only when the source had them or the value is not the default.
+OPTIONAL_DEFAULTS: dict[str, Any] = {"embd_pdrop": 0.0, "resid_pdrop": 0.0, "pad_token_id": 32000}
 # Keys phi3v adds, written only when they differ from the official defaults.
 PHI3V_KEYS: tuple[str, ...] = ("image_token_id",)
 
@@ -239,6 +237,8 @@ class Phi3VConfig(Phi3Config):
             )
         if not -vision.num_hidden_layers <= self.vision_layer_idx < 0:
             raise ValueError(f"img_processor['layer_idx']={self.vision_layer_idx} must be negative and within CLIP")
+        if self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=True is not supported: Phi-3-V's lm_head is a separate matrix")
         if not 0 <= self.image_token_id < self.vocab_size:
             raise ValueError(f"image_token_id={self.image_token_id} is outside the vocabulary (size {self.vocab_size})")
 
@@ -318,8 +318,10 @@ class Phi3VConfig(Phi3Config):
             for key in source - known:
                 if key in full:
                     out[key] = full[key]
-            # Optional official keys follow the source (3-V lacks embd_pdrop, resid_pdrop and pad_token_id).
-            out = {k: v for k, v in out.items() if k not in OPTIONAL_KEYS or k in source}
+            # 3-V's file lacks embd_pdrop, resid_pdrop and pad_token_id: keep that form unless a value changed.
+            out = {
+                k: v for k, v in out.items() if k in source or k not in OPTIONAL_DEFAULTS or v != OPTIONAL_DEFAULTS[k]
+            }
         else:
             out.pop("auto_map", None)
         out["transformers_version"] = full["transformers_version"]

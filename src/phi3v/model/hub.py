@@ -41,8 +41,12 @@ def resolve_model_folder(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> Path:
-    """A local folder as is, or a hub id downloaded (configs, tokenizer, safetensors) into the HF cache.
+    """A local folder as is, or a hub id downloaded into the HF cache.
+
+    `allow_patterns` picks the files of a hub download (default `HUB_ALLOW_PATTERNS`: configs, tokenizer and
+    processor files, safetensors weights; a processor passes its own list without the weights).
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -71,7 +75,7 @@ def resolve_model_folder(
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS,
         )
     except Exception as err:  # every hub/network failure becomes one clear message
         detail = reason or f"{type(err).__name__}: {err}"

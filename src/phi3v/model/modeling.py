@@ -51,6 +51,14 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # From the attributes: the official-form `to_dict` omits 3-V's absent keys (pad_token_id), which
+        # `GenerationConfig.from_model_config` would then lose.
+        self.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
+        # `load_state_dict` takes official-layout tensors too (Trainer's resume / best-model reload read the files
+        # `save_pretrained` wrote).
+        self.register_load_state_dict_pre_hook(checkpoint.official_state_dict_pre_hook)
 
     @property
     def vision(self) -> Phi3VImageEmbedding:
@@ -162,6 +170,42 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             model_inputs.pop("image_sizes", None)
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat each sample's own group of images with it (beam search, `num_return_sequences`).
+
+        The base class repeats every tensor row by row, which for `pixel_values` mixes up the images of a sample
+        that has several: [A, B] would become [A, A, B, B] where the expanded rows need [A, B, A, B].
+        """
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        image_sizes = model_kwargs.pop("image_sizes", None)
+        if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            order = self._images_by_sample(input_ids, image_sizes)
+            index = torch.tensor([i for images in order for _ in range(expand_size) for i in images])
+            pixel_values = pixel_values[index.to(pixel_values.device)]
+            image_sizes = image_sizes[index.to(image_sizes.device)]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return input_ids, model_kwargs
+
+    def _images_by_sample(self, input_ids: torch.Tensor, image_sizes: torch.Tensor) -> list[list[int]]:
+        """Indices of each row's images: images fill placeholders in order, row after row."""
+        tokens = self.vision.image_token_counts(image_sizes)
+        placeholders = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        groups, image = [], 0
+        for row, count in enumerate(placeholders):
+            group = []
+            while count > 0 and image < len(tokens):
+                group.append(image)
+                count -= tokens[image]
+                image += 1
+            if count != 0:
+                raise ValueError(f"row {row}: its image placeholders do not match whole images (image_sizes)")
+            groups.append(group)
+        return groups
+
     # -- checkpoints --------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -230,7 +274,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         save_directory: str | os.PathLike,
         *,
         state_dict: dict[str, torch.Tensor] | None = None,
-        max_shard_size: int | str = "4GB",
+        max_shard_size: int | str = "5GB",
         is_main_process: bool = True,
         safe_serialization: bool = True,
         **kwargs,

@@ -30,21 +30,24 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, PreTrainedTokenizerFast, ProcessorMixin
 from transformers.utils import PROCESSOR_NAME
 
+from phi3v.model.configuration import IMAGE_TOKEN_ID
 from phi3v.model.hub import resolve_model_folder
 from phi3v.model.image_processing import Phi3VImageProcessor
 from phi3v.model.tokenizer import PHI3V_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-#: Official id of ``<|image|>`` (hard-coded by vLLM and ms-swift, reference §5.3); used when the tokenizer has none.
-OFFICIAL_IMAGE_TOKEN_ID = 32044
+#: Official id of ``<|image|>`` (reference §5.3), used when the tokenizer has none; an alias of
+#: `phi3v.model.configuration.IMAGE_TOKEN_ID`.
+OFFICIAL_IMAGE_TOKEN_ID = IMAGE_TOKEN_ID
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 END_TOKEN = "<|end|>"
 #: Label value ignored by `torch.nn.CrossEntropyLoss`.
@@ -61,6 +64,51 @@ ImageLike = Image.Image | np.ndarray | str | os.PathLike | bytes
 _HUB_KWARGS = ("cache_dir", "local_files_only", "token", "revision")
 # Keyword arguments of `from_pretrained` that configure the processor itself (the rest go to the image processor).
 _PROCESSOR_KWARGS = ("chat_template", "image_token", "image_token_id")
+#: What `Phi3VProcessor.from_pretrained` downloads for a hub id: configs, tokenizer and chat-template files, never the
+#: (~8 GB) weights.
+PROCESSOR_HUB_ALLOW_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
+#: The `tokenizers` serialisation of a fast tokenizer (the file the official checkpoints' pipeline is defined by).
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a folder's tokenizer so that it encodes exactly as its ``tokenizer.json`` pipeline does.
+
+    The official Phi-3-Vision checkpoints declare ``"tokenizer_class": "LlamaTokenizer"`` next to a ``tokenizer.json``
+    whose normalizer prepends ``"▁"`` to every piece of text between added tokens. transformers 5's
+    ``LlamaTokenizer`` (what `transformers.AutoTokenizer` picks for them) rebuilds the pipeline and replaces that
+    normalizer with ``Metaspace(prepend_scheme="first")``, which drops the ``"▁"`` (id 29871) Phi-3 emits after
+    every special token before ``"\\n"`` (``"<|user|>\\n"`` → ``[32010, 29871, 13]`` becomes ``[32010, 13]``) and
+    the doubled ``"▁"`` before a leading space. The checkpoints were trained on the file's pipeline (which is what
+    transformers 4.38's ``LlamaTokenizerFast`` ran when the hub's remote code was written), so when the folder has
+    a ``tokenizer.json`` it is loaded with `transformers.PreTrainedTokenizerFast` (``TokenizersBackend`` in
+    transformers 5), which keeps the file's normalizer, pre-tokenizer, model, added tokens and post-processor
+    (BOS ``<s>`` by default, none with ``add_special_tokens=False``) as they are, and takes the metadata (bos / eos /
+    pad / unk tokens, chat template, ``added_tokens_decoder``, padding side) from ``tokenizer_config.json``. A
+    folder with only a SentencePiece ``tokenizer.model`` falls back to `transformers.AutoTokenizer`.
+
+    Args:
+        folder (`str` or `os.PathLike`): A local folder with the tokenizer files.
+
+    Returns:
+        `transformers.PreTrainedTokenizerBase`: The tokenizer.
+
+    Raises:
+        OSError: If the folder holds no loadable tokenizer.
+    """
+    folder = Path(folder)
+    if (folder / TOKENIZER_FILE).is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        logger.info("loaded the tokenizer from %s as written (PreTrainedTokenizerFast)", folder / TOKENIZER_FILE)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        logger.info(
+            "no %s in %s: loaded the tokenizer with AutoTokenizer (%s)",
+            TOKENIZER_FILE,
+            folder,
+            type(tokenizer).__name__,
+        )
+    return tokenizer
 
 
 def _vocab_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
@@ -391,8 +439,10 @@ class Phi3VProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Phi3VProcessor:
         """Load a processor saved by `save_pretrained`, or from a hub checkpoint already in the local cache.
 
-        Loads ``Phi3VImageProcessor.from_pretrained`` and ``AutoTokenizer.from_pretrained`` from the same place
-        and reads ``processor_config.json`` (``image_token``, ``image_token_id``, ``chat_template``) if present.
+        Loads ``Phi3VImageProcessor.from_pretrained`` and the tokenizer (`load_tokenizer`: the ``tokenizer.json``
+        pipeline exactly as written, not transformers 5's rebuilt ``LlamaTokenizer``) from the same place and reads
+        ``processor_config.json`` (``image_token``, ``image_token_id``, ``chat_template``) if present. A hub id
+        downloads only `PROCESSOR_HUB_ALLOW_PATTERNS` (configs, tokenizer files), never the weights.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): A directory, or a hub id such as
@@ -412,12 +462,14 @@ class Phi3VProcessor(ProcessorMixin):
         kwargs.pop("trust_remote_code", None)
         hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         processor_kwargs = {k: kwargs.pop(k) for k in _PROCESSOR_KWARGS if k in kwargs}
-        folder = resolve_model_folder(pretrained_model_name_or_path, **hub_kwargs)
+        folder = resolve_model_folder(
+            pretrained_model_name_or_path, allow_patterns=list(PROCESSOR_HUB_ALLOW_PATTERNS), **hub_kwargs
+        )
         try:
             config_file = folder / PROCESSOR_NAME
             config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
             image_processor = Phi3VImageProcessor.from_pretrained(folder, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = load_tokenizer(folder)
         except OSError as err:
             raise OSError(
                 f"could not load a Phi3VProcessor from {os.fspath(folder)!r}: {err}. The folder needs the files "

@@ -23,6 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .configuration import Phi3VConfig
+from .image_processing import num_image_tokens
 
 
 def merge_2x2(features: torch.Tensor, h_crops: int, w_crops: int) -> torch.Tensor:
@@ -71,6 +72,7 @@ class Phi3VImageEmbedding(nn.Module):
             nn.Linear(width, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
         self.crop_size = vision_config.image_size
+        self.num_img_tokens = config.num_img_tokens
         # Checkpoint tensors of the parts not computed (CLIP layers after `layer_idx`, `post_layernorm`), by their name
         # inside CLIPVisionModel. Plain tensors, not parameters: no optimizer, DDP or PEFT ever sees them.
         self.unused_clip_weights: dict[str, torch.Tensor] = self._init_unused_clip_weights(vision_config)
@@ -118,7 +120,7 @@ class Phi3VImageEmbedding(nn.Module):
                     f"image {index}: image_sizes {image_sizes[index].tolist()} need {1 + h * w} crops, "
                     f"pixel_values hold {pixel_values.shape[1]}"
                 )
-        dtype = self.img_projection[0].weight.dtype
+        dtype = self.img_processor.embeddings.patch_embedding.weight.dtype  # CLIP's, also when projections are 4-bit
         crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])  # [M, 3, 336, 336]
         features = self.clip_features(crops.to(dtype))  # [M, 576, C]
 
@@ -131,6 +133,13 @@ class Phi3VImageEmbedding(nn.Module):
             glb = self._with_row_separators(merge_2x2(image[:1], 1, 1))  # [12*13, 4C]
             sequences.append(torch.cat([sub, self.glb_GN[0], glb]))  # sub_glb order
         return self.img_projection(torch.cat(sequences))  # [tokens, hidden]
+
+    def image_token_counts(self, image_sizes: torch.Tensor) -> list[int]:
+        """Tokens of each image (``[n, 2]`` padded HD sizes), in the processor's formula."""
+        return [
+            num_image_tokens(int(h) // self.crop_size, int(w) // self.crop_size, self.num_img_tokens)
+            for h, w in image_sizes.tolist()
+        ]
 
     def _with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
         """Append `sub_GN` to every row of a ``[1, rows, cols, 4C]`` grid -> ``[rows * (cols + 1), 4C]``."""

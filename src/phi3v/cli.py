@@ -1,0 +1,110 @@
+"""The `phi3v` command line.
+
+    phi3v info MODEL [--check-weights]        architecture, parameter count and image-token budget of a model
+    phi3v tokens WIDTH HEIGHT [--num-crops N]  crop grid and token count of an image of that size
+
+MODEL is a folder, a hub id (e.g. microsoft/Phi-3.5-vision-instruct) or a named config (`tiny`,
+`phi-3-vision-128k-instruct`, `phi-3.5-vision-instruct`). Heavy imports happen inside the commands, so `phi3v --help`
+answers at once. The pipeline commands (prepare, train, evaluate, predict, serve, export) join this file as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from phi3v import __version__
+
+
+def _load_config(model: str):
+    from phi3v.model.configuration import OFFICIAL_CONFIG_FILES, TINY_CONFIGS, Phi3VConfig
+    from phi3v.model.hub import resolve_model_folder
+
+    if model in TINY_CONFIGS or model in OFFICIAL_CONFIG_FILES:
+        return Phi3VConfig.from_name(model), None
+    folder = resolve_model_folder(model)
+    return Phi3VConfig.from_pretrained(folder), folder
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from phi3v.model import checkpoint
+    from phi3v.model.image_processing import num_image_tokens
+    from phi3v.model.modeling import Phi3VForCausalLM
+
+    config, folder = _load_config(args.model)
+    with checkpoint.empty_parameters():
+        model = Phi3VForCausalLM(config)
+    shapes = checkpoint.official_shapes(model)
+    total = sum(math.prod(shape) for shape in shapes.values())
+    vision = config.vision_config
+    rope = config.rope_parameters
+    print(f"model            {args.model}")
+    print(
+        f"language model   Phi-3: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, vocab {config.vocab_size}, rope {rope['rope_type']}"
+    )
+    print(
+        f"vision tower     CLIP: {vision.num_hidden_layers} layers (features of layer "
+        f"{vision.num_hidden_layers + config.vision_layer_idx + 1}), width {vision.hidden_size}, "
+        f"{vision.image_size} px / {vision.patch_size} px patches"
+    )
+    print(f"parameters       {total:,} in {len(shapes)} checkpoint tensors")
+    print(
+        f"image token id   {config.image_token_id}; tokens per square image: "
+        + ", ".join(f"{num_image_tokens(s, s, config.num_img_tokens)} (num_crops {s * s})" for s in (1, 2, 4))
+    )
+    if args.check_weights:
+        if folder is None:
+            print("check-weights    needs a folder or hub id, not a named config", file=sys.stderr)
+            return 2
+        try:
+            found = checkpoint.scan_official_checkpoint(model, folder)
+        except checkpoint.CheckpointError as err:
+            print(f"check-weights    FAILED: {err}", file=sys.stderr)
+            return 1
+        print(f"check-weights    ok: {len(found)} tensors, names and shapes as expected")
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from phi3v.model.image_processing import CROP_SIZE, hd_transform_size, num_image_tokens
+
+    width, height = hd_transform_size(args.width, args.height, args.num_crops)
+    h_crops, w_crops = height // CROP_SIZE, width // CROP_SIZE
+    print(
+        f"image {args.width}x{args.height} at num_crops {args.num_crops}: HD {width}x{height}, "
+        f"{h_crops}x{w_crops} crops, {num_image_tokens(h_crops, w_crops)} tokens"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi3v", description="Fine-tune Phi-3-Vision to read product photos.")
+    parser.add_argument("--version", action="version", version=f"phi3v {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="architecture, parameters and token budget of a model")
+    info.add_argument("model", help="folder, hub id, or config name (tiny, phi-3-vision-128k-instruct, ...)")
+    info.add_argument(
+        "--check-weights", action="store_true", help="check every checkpoint key and shape (headers only)"
+    )
+    info.set_defaults(func=cmd_info)
+    tokens = commands.add_parser("tokens", help="crop grid and token count of an image size")
+    tokens.add_argument("width", type=int)
+    tokens.add_argument("height", type=int)
+    tokens.add_argument("--num-crops", type=int, default=4, help="4 for Phi-3.5-V (its default), 16 for Phi-3-V")
+    tokens.set_defaults(func=cmd_tokens)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (OSError, ValueError) as err:
+        print(f"phi3v {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
