@@ -244,3 +244,16 @@ def test_a_resave_holding_only_the_shared_wte_loads_it_as_the_embedding(saved, t
 
     folder = single_file_copy(saved, tmp_path, only_wte)
     assert_same_weights(model, Phi3VForCausalLM.from_pretrained(folder))
+
+
+def test_behind_a_proxy_the_dns_precheck_gives_no_verdict(monkeypatch):
+    import huggingface_hub.constants
+
+    from phi3v.model import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://phi3v-no-such-host.invalid")
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert hub._unresolvable_hub_host() == "phi3v-no-such-host.invalid"
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert hub._unresolvable_hub_host() is None

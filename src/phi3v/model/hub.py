@@ -21,11 +21,15 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
 def _unresolvable_hub_host() -> str | None:
-    """The hub host's name if DNS cannot resolve it (no network), else None."""
+    """The hub host's name if DNS cannot resolve it (no network), else None. Behind a proxy the local DNS does not
+    decide whether the hub is reachable, so no verdict is given."""
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname
-    if not host:
+    proxied = any(
+        os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+    )
+    if not host or proxied:
         return None
     try:
         socket.getaddrinfo(host, None)
