@@ -1,0 +1,1 @@
+"""Catalog data: reading, downloading, synthetic catalogs."""
