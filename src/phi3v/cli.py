@@ -1,11 +1,13 @@
 """The `phi3v` command line.
 
+    phi3v prepare SOURCE --out DIR [options]   catalog (hub id, CSV, Parquet, JSONL) -> validated image dataset
+    phi3v synth --out DIR --n N --seed S       draw a sample catalog in the DBQ schema
     phi3v info MODEL [--check-weights]        architecture, parameter count and image-token budget of a model
     phi3v tokens WIDTH HEIGHT [--num-crops N]  crop grid and token count of an image of that size
 
 MODEL is a folder, a hub id (e.g. microsoft/Phi-3.5-vision-instruct) or a named config (`tiny`,
 `phi-3-vision-128k-instruct`, `phi-3.5-vision-instruct`). Heavy imports happen inside the commands, so `phi3v --help`
-answers at once. The pipeline commands (prepare, train, evaluate, predict, serve, export) join this file as they land.
+answers at once. The other pipeline commands (train, evaluate, predict, serve, export) join this file as they land.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from phi3v import __version__
 
@@ -79,10 +82,82 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from phi3v.data.catalog import ColumnMap
+    from phi3v.data.download import DownloadConfig
+    from phi3v.prepare import PrepareOptions, prepare, summary_table
+
+    fractions = tuple(float(x) for x in args.splits.split(","))
+    if len(fractions) != 3:
+        raise ValueError(f"--splits takes three fractions (train,validation,test), got {args.splits!r}")
+    options = PrepareOptions(
+        columns=ColumnMap(
+            image=args.image_column,
+            title=args.title_column,
+            category=args.category_column,
+            price=args.price_column,
+            id=args.id_column,
+        ),
+        hub_split=args.hub_split,
+        fractions=fractions,
+        seed=args.seed,
+        download=DownloadConfig(
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            retries=args.retries,
+            max_bytes=args.max_bytes,
+            max_side=args.max_side,
+        ),
+        retry_failed=not args.no_retry_failed,
+        progress=not args.quiet,
+    )
+    report = prepare(args.source, args.out, options)
+    print(summary_table(report))
+    return 0 if report.kept else 1
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from phi3v.data.synthetic import make_synthetic_catalog
+
+    catalog = make_synthetic_catalog(
+        Path(args.out), args.n, seed=args.seed, base_url=args.base_url, image_size=args.image_size
+    )
+    print(f"wrote {args.n} products to {catalog} (images in {catalog.parent / 'images'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3v", description="Fine-tune Phi-3-Vision to read product photos.")
     parser.add_argument("--version", action="version", version=f"phi3v {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="catalog -> validated image dataset (resumable)")
+    prep.add_argument("source", help="hub dataset id, or a .csv / .parquet / .jsonl file")
+    prep.add_argument("--out", required=True, help="output folder (re-running on it resumes)")
+    prep.add_argument("--image-column", default="imageurl", help="image URL or local path (default: %(default)s)")
+    prep.add_argument("--title-column", default="title", help="default: %(default)s")
+    prep.add_argument("--category-column", default="category3_code", help="default: %(default)s")
+    prep.add_argument("--price-column", default="full_price", help="default: %(default)s")
+    prep.add_argument("--id-column", default="product_code", help="default: %(default)s")
+    prep.add_argument("--hub-split", default="train", help="split of a hub dataset to read (default: %(default)s)")
+    prep.add_argument("--splits", default="0.8,0.1,0.1", help="train,validation,test fractions (default: %(default)s)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    prep.add_argument("--concurrency", type=int, default=32, help="simultaneous downloads (default: %(default)s)")
+    prep.add_argument("--timeout", type=float, default=20.0, help="seconds per request (default: %(default)s)")
+    prep.add_argument(
+        "--retries", type=int, default=3, help="extra attempts on timeouts/5xx/429 (default: %(default)s)"
+    )
+    prep.add_argument("--max-bytes", type=int, default=20_000_000, help="per image (default: %(default)s)")
+    prep.add_argument("--max-side", type=int, default=None, help="resize on the way in: long side <= N px")
+    prep.add_argument("--no-retry-failed", action="store_true", help="on a re-run, keep journaled transient failures")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_prepare)
+    synth = commands.add_parser("synth", help="draw a sample catalog whose photos determine the labels")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, default=200, help="products (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--base-url", default=None, help="write image URLs under this base instead of local paths")
+    synth.add_argument("--image-size", type=int, default=512)
+    synth.set_defaults(func=cmd_synth)
     info = commands.add_parser("info", help="architecture, parameters and token budget of a model")
     info.add_argument("model", help="folder, hub id, or config name (tiny, phi-3-vision-128k-instruct, ...)")
     info.add_argument(
