@@ -31,6 +31,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/processor.py
 	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/prepare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

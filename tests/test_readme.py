@@ -28,3 +28,19 @@ def test_readme_model_example_runs(tmp_path, monkeypatch, tiny_tokenizer, make_i
     assert namespace["processor"].image_processor.num_crops == 4  # the example's num_crops override took effect
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]  # it generated
     assert capsys.readouterr().out.strip()  # and printed the decoded answer
+
+
+def test_readme_offline_prepare_commands_run(tmp_path, monkeypatch, capsys):
+    """The README's offline catalog example (`phi3v synth ... && phi3v prepare ...`) runs as written."""
+    import shlex
+
+    from phi3v.cli import main
+
+    line = next(line for line in README.read_text().splitlines() if line.startswith("phi3v synth "))
+    commands = [shlex.split(part) for part in line.split("&&")]
+    assert [c[:2] for c in commands] == [["phi3v", "synth"], ["phi3v", "prepare"]]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert main([*command[1:], *(["--quiet"] if command[1] == "prepare" else [])]) == 0
+    assert "rows in = kept + failed + duplicates: 200 =" in capsys.readouterr().out
+    assert (tmp_path / "data" / "sample-prepared" / "dataset" / "dataset_dict.json").is_file()

@@ -694,6 +694,7 @@ class _Fetcher:
         self.client = client
         self.pool = pool
         self.slots = asyncio.Semaphore(config.concurrency)
+        self.bodies = asyncio.Semaphore(config.concurrency + 2 * config.workers)
         self.rng = random.Random(config.seed)
         self.host_pause: dict[str, float] = {}  # host -> loop time before which no new request starts
 
@@ -721,32 +722,33 @@ class _Fetcher:
         url = source.strip()
         host = httpx.URL(url).host
         config = self.config
+        loop = asyncio.get_running_loop()
         attempts = 0
         while True:
             await self._wait_for_host(host)
             attempts += 1
-            try:
-                async with self.slots:
-                    status, body, content_type = await _with_timeout(self._attempt(url), config.timeout)
-                break
-            except _SourceError as failure:
-                final = failure
-            except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
-                final = _SourceError("timeout", _timeout_text(exc, config.timeout), retryable=True)
+            async with self.bodies:  # held from the request until the body is decoded (bounds memory)
+                try:
+                    async with self.slots:  # held while talking to the server (bounds concurrency)
+                        status, body, content_type = await _with_timeout(self._attempt(url), config.timeout)
+                except _SourceError as failure:
+                    final = failure
+                except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+                    final = _SourceError("timeout", _timeout_text(exc, config.timeout), retryable=True)
+                else:
+                    try:
+                        stored = await loop.run_in_executor(
+                            self.pool, _verify_and_store, body, self.store, self.config, content_type
+                        )
+                    except _SourceError as failure:
+                        failure.http_status, failure.nbytes = status, len(body)
+                        return _failed(source, failure, attempts=attempts)
+                    return _succeeded(source, stored, nbytes=len(body), http_status=status, attempts=attempts)
             if not final.retryable or attempts > config.retries:
                 if final.retryable and attempts > 1:
                     final.detail = f"{final.detail} (after {attempts} attempts)"
                 return _failed(source, final, attempts=attempts)
-            await asyncio.sleep(self._delay(attempts, final.retry_after, host))
-        loop = asyncio.get_running_loop()
-        try:
-            stored = await loop.run_in_executor(
-                self.pool, _verify_and_store, body, self.store, self.config, content_type
-            )
-        except _SourceError as failure:
-            failure.http_status, failure.nbytes = status, len(body)
-            return _failed(source, failure, attempts=attempts)
-        return _succeeded(source, stored, nbytes=len(body), http_status=status, attempts=attempts)
+            await asyncio.sleep(self._delay(attempts, final.retry_after, host))  # holds no slot meanwhile
 
     async def _attempt(self, url: str) -> tuple[int, bytes, str | None]:
         """One GET; returns ``(status, body, content_type)`` for a 2xx, raises ``_SourceError`` otherwise."""
@@ -925,9 +927,9 @@ async def fetch_all(
     http = make_client(config) if client is None else client
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="phi3v-fetch")
     fetcher = _Fetcher(store, config, on_result, base_dir, http, pool)
-    # Enough tasks to keep every request slot busy while others wait for the decoder or sleep in a backoff; the
-    # bodies held in memory are bounded by n_tasks * max_bytes.
-    n_tasks = config.concurrency + 2 * config.workers
+    # Enough tasks to keep every request slot busy while others wait for the decoder or sleep in a backoff. Bodies
+    # held in memory are bounded by ``_Fetcher.bodies``: (concurrency + 2 * workers) * max_bytes at worst.
+    n_tasks = 2 * config.concurrency + 2 * config.workers
     queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=n_tasks)
 
     async def worker() -> None:
