@@ -50,6 +50,7 @@ import httpx
 from PIL import Image
 
 from phi3v import __version__
+from phi3v.model.image_io import to_rgb
 
 __all__ = [
     "PLACEHOLDERS",
@@ -431,13 +432,6 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _to_rgb_function() -> Callable[[Image.Image], Image.Image]:
-    """``phi3v.model.image_processing.to_rgb``, imported on first use (that module imports torch)."""
-    from phi3v.model.image_processing import to_rgb
-
-    return to_rgb
-
-
 @dataclass(frozen=True)
 class _Stored:
     sha256: str
@@ -501,7 +495,7 @@ def _verify_and_store(
             return _Stored(sha, relpath, width, height, "stored the original JPEG bytes")
         source_desc = f"{fmt} {image.mode} {width}x{height}" + (" progressive" if progressive else "")
         try:
-            rgb = _to_rgb_function()(image)
+            rgb = to_rgb(image)
         except Exception as exc:  # to_rgb: ValueError for modes Pillow cannot convert; decoders may fail here too
             raise _SourceError("unsupported_image", f"{source_desc}: {type(exc).__name__}: {exc}") from exc
         steps = []
@@ -921,7 +915,6 @@ async def fetch_all(
         Only for errors that are not about one source: an exception from ``on_result``, a failing store (disk
         full, permissions), cancellation, programming errors.
     """
-    _to_rgb_function()  # the import (torch) happens here, once, not inside a worker thread
     _cache_missing_sniffio()
     own_client = client is None
     http = make_client(config) if client is None else client
