@@ -13,12 +13,12 @@ configs are built directly on the device in the requested dtype.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from machine import describe  # benchmarks/machine.py (this script's folder is on sys.path)
 from phi3v import Phi3VConfig, Phi3VForCausalLM
 from phi3v.model.image_processing import num_image_tokens
 
@@ -94,7 +94,7 @@ def main() -> None:
     args.num_crops = args.num_crops or (16 if device.type == "cuda" else 4)
     torch.set_num_threads(args.threads)
     config = Phi3VConfig.from_name(args.config)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else describe()
     print(f"# {args.config}, {dtype}, num_crops {args.num_crops}, batch {args.batch_size}, on {name}")
     print(f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up; medians")
     print("| attention | seq len | step (s) | tokens/s | peak GiB |")

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 HEADING = "## Catalog download (phi3v prepare)"
@@ -289,16 +291,6 @@ def versions() -> str:
         f"Python {platform.python_version()}, httpx {httpx.__version__}, httpcore {httpcore.__version__}, "
         f"Pillow {PIL.__version__}"
     )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

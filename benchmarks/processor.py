@@ -36,6 +36,7 @@ from PIL import Image
 from phi3v.model.image_processing import Phi3VImageProcessor, _hd_plan, _resize_like_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from machine import cpu_model  # benchmarks/machine.py (this script's folder is on sys.path)
 from reference_hd import reference_pixel_values
 
 SIDE = 1500
@@ -84,17 +85,6 @@ def photo_like_jpeg(side: int = SIDE, quality: int = 90, seed: int = 0) -> bytes
     buffer = io.BytesIO()
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_interleaved(tasks: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, np.ndarray]:
