@@ -214,3 +214,14 @@ def test_cli_prepare_prints_the_summary_and_fails_clearly_offline(tmp_path, caps
     assert "could not load the dataset 'DBQ/Burberry.Product.prices.United.States'" in capsys.readouterr().err
     assert main(["prepare", str(catalog), "--out", str(tmp_path / "o2"), "--image-column", "photo"]) == 1
     assert "--image-column 'photo'" in capsys.readouterr().err
+
+
+def test_a_journaled_image_that_went_missing_is_fetched_again(tmp_path, server):
+    catalog = write_catalog(tmp_path / "c.csv", [row(server.add("/img", jpeg((40, 50, 60))))])
+    prepare(str(catalog), tmp_path / "out", options())
+    (stored,) = (tmp_path / "out" / "images").rglob("*.jpg")
+    stored.unlink()
+    (stored.parent / ".0123abcd.tmp").write_bytes(b"partial")  # what a killed write leaves behind
+    report = prepare(str(catalog), tmp_path / "out", options())
+    assert report.fetched_now == 1 and report.kept == 1 and stored.is_file()
+    assert not list((tmp_path / "out" / "images").rglob(".*.tmp"))

@@ -120,12 +120,19 @@ def prepare(source: str, out_dir: str | os.PathLike, options: PrepareOptions | N
     journal = Journal(out / STATE_DIR / "journal.sqlite", _download_fingerprint(options.download))
     try:
         done = journal.results()
+        store = ImageStore(out / IMAGES_DIR)
+        store.remove_partial_files()  # left by a killed run; one prepare at a time writes to DIR
         wanted = list(dict.fromkeys(row.source for row in rows if row.reason is None))
-        todo = [s for s in wanted if s not in done or (options.retry_failed and _transient(done[s]))]
+        todo = [
+            s
+            for s in wanted
+            if s not in done
+            or (options.retry_failed and _transient(done[s]))
+            or (done[s].ok and not store.exists(done[s].path))  # journaled, but lost (e.g. an OS crash)
+        ]
         logger.info(
             "%d distinct image sources: %d journaled, %d to fetch", len(wanted), len(wanted) - len(todo), len(todo)
         )
-        store = ImageStore(out / IMAGES_DIR)
         with _Progress(len(todo), options.progress) as bar:
 
             def record(result: FetchResult) -> None:
