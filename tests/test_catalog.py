@@ -33,6 +33,12 @@ from phi3v.data.catalog import (
         (" 2 490.50 ", 2490.5),
         ("89,90", 89.9),
         ("12,500", 12500.0),
+        ("1.250,00", 1250.0),
+        ("EUR 1.250,00", 1250.0),
+        ("1,250,000.5", 1250000.5),
+        ("1e3", None),
+        ("1,2,3", None),
+        ("Size 2, 34.00", None),
         ("N.A.", None),
         ("", None),
         (None, None),
@@ -62,6 +68,8 @@ def test_normalized_titles_fold_case_spacing_punctuation_and_accents():
     }
     assert keys == {"navy check coat"}
     assert normalize_title("Navy Check Coat") != normalize_title("Navy Check Scarf")
+    other_scripts = [normalize_title(t) for t in ("手提包", "钱包", "Кошелёк", "حقيبة")]
+    assert len(set(other_scripts)) == 4 and all(other_scripts)  # every script keeps its letters
 
 
 def test_splits_keep_groups_together_follow_fractions_and_ignore_row_order():
@@ -124,3 +132,9 @@ def test_hub_dataset_offline_fails_at_once_with_a_clear_message():
 
 def test_parse_price_never_returns_nan():
     assert all(v is None or not math.isnan(v) for v in map(parse_price, ["nan", "NaN", float("nan")]))
+
+
+def test_jsonl_keeps_integer_ids_when_some_are_null(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"product_code": 1001, "title": "A"}\n{"product_code": null, "title": "B"}\n')
+    frame, _ = load_catalog(str(tmp_path / "c.jsonl"))
+    assert frame["product_code"].tolist() == [1001, None]

@@ -96,7 +96,7 @@ def test_every_kind_of_row_ends_kept_failed_or_duplicate(tmp_path, server):
         "9": "not_an_image",
     }  # fmt: skip
     assert pd.read_csv(out / "duplicates.csv").to_dict("records") == [
-        {"row_index": 3, "id": 3, "image": a, "duplicate_of_row": 0}
+        {"row_index": 3, "id": 3, "url": a, "duplicate_of_row": 0}
     ]
     kept = pd.read_csv(out / "catalog.csv", dtype=str, keep_default_na=False)
     assert list(kept.columns) == [*rows[0], "local_image_path", "split"]
@@ -225,3 +225,48 @@ def test_a_journaled_image_that_went_missing_is_fetched_again(tmp_path, server):
     report = prepare(str(catalog), tmp_path / "out", options())
     assert report.fetched_now == 1 and report.kept == 1 and stored.is_file()
     assert not list((tmp_path / "out" / "images").rglob(".*.tmp"))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_one_holds_it(tmp_path):
+    from phi3v.prepare import _exclusive
+
+    catalog = make_synthetic_catalog(tmp_path / "sample", 5, seed=5)
+    with _exclusive(tmp_path / "out"), pytest.raises(RuntimeError, match="another phi3v prepare is using"):
+        prepare(str(catalog), tmp_path / "out", options())
+    assert prepare(str(catalog), tmp_path / "out", options()).invariant_holds()  # free again afterwards
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        prepare(str(catalog), tmp_path / "file", options())
+
+
+def test_hub_catalogs_may_not_name_local_files_and_non_text_images_fail_by_name():
+    from phi3v.data.catalog import ColumnMap
+    from phi3v.prepare import _parse_row
+
+    columns = ColumnMap()
+
+    def parse(image, hub):
+        record = {
+            "imageurl": image,
+            "title": "Coat",
+            "category3_code": "COATS",
+            "full_price": 10.0,
+            "product_code": 7.0,
+        }
+        return _parse_row(0, record, columns, hub=hub)
+
+    assert parse("../../etc/passwd", hub=True).reason == "invalid_source"
+    assert parse("imgs/a.jpg", hub=False).reason is None  # a local catalog may use its own files
+    assert parse("https://example.com/a.jpg", hub=True).reason is None
+    assert parse(["a.jpg"], hub=False).reason == "invalid_source"
+    assert parse(None, hub=False).source == ""  # a placeholder: the downloader reports it
+    assert parse("x.jpg", hub=False).id == "7"  # an integer id read as float is written without ".0"
+
+
+def test_the_user_guide_lists_every_failure_reason():
+    from phi3v.data.download import REASONS
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "prepare.md").read_text()
+    row_reasons = ["missing_title", "missing_price", "invalid_price"]
+    missing = [r for r in [*REASONS, *row_reasons] if r != "ok" and f"`{r}`" not in guide]
+    assert missing == []

@@ -17,17 +17,19 @@ Steps, top to bottom (`prepare`):
 6. Write the outputs (each replaced atomically): `dataset/` (HF `datasets`, `save_to_disk`, an `Image` column),
    `catalog.csv` (original columns + `local_image_path` + `split`), `failures.csv`, `duplicates.csv` and
    `manifest.json` (source, mapping, counts by outcome and reason, category vocabulary, price summary, splits,
-   versions). Nothing is written outside DIR, and no file name is built from a data value.
+   versions). Nothing is written outside DIR (but for the `datasets` cache of a hub catalog), and no file name is
+   built from a data value. One run at a time works on a DIR (a lock file says so at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import itertools
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -47,11 +49,12 @@ from phi3v.data.catalog import (
     assign_splits,
     check_columns,
     clean_text,
+    is_missing,
     load_catalog,
     normalize_title,
     parse_price,
 )
-from phi3v.data.download import DownloadConfig, FetchResult, ImageStore, fetch_sources
+from phi3v.data.download import DownloadConfig, FetchResult, ImageStore, fetch_sources, source_kind
 
 logger = logging.getLogger(__name__)
 
@@ -106,15 +109,23 @@ def prepare(source: str, out_dir: str | os.PathLike, options: PrepareOptions | N
     """Run the whole catalog build (see the module docstring). Re-running on the same `out_dir` resumes."""
     options = options or PrepareOptions()
     out = Path(out_dir)
+    with _exclusive(out):
+        return _prepare_locked(source, out, options)
+
+
+def _prepare_locked(source: str, out: Path, options: PrepareOptions) -> PrepareReport:
     columns = options.columns
 
     # 1. read and map
     frame, base_dir = load_catalog(source, split=options.hub_split)
     check_columns(frame, columns, source)
-    out.mkdir(parents=True, exist_ok=True)
+    for name in ("local_image_path", "split"):
+        if name in frame.columns:
+            logger.warning("the catalog has a %r column; catalog.csv replaces it with phi3v's", name)
 
-    # 2. parse fields
-    rows = [_parse_row(i, record, columns) for i, record in enumerate(frame.to_dict("records"))]
+    # 2. parse fields (only the mapped columns are turned into Python objects)
+    mapped = frame[list(dict.fromkeys(columns.as_dict().values()))]
+    rows = [_parse_row(i, record, columns, hub=base_dir is None) for i, record in enumerate(mapped.to_dict("records"))]
 
     # 3. fetch distinct sources, journaled
     journal = Journal(out / STATE_DIR / "journal.sqlite", _download_fingerprint(options.download))
@@ -198,12 +209,12 @@ def prepare(source: str, out_dir: str | os.PathLike, options: PrepareOptions | N
     _write_catalog_csv(out, frame, kept, results, split_of)
     _write_csv(
         out / "failures.csv",
-        ["row_index", "id", "image", "reason", "detail"],
+        ["row_index", "id", "url", "reason", "detail"],
         [[r.index, r.id, r.source, r.reason, r.detail] for r in failed],
     )
     _write_csv(
         out / "duplicates.csv",
-        ["row_index", "id", "image", "duplicate_of_row"],
+        ["row_index", "id", "url", "duplicate_of_row"],
         [[r.index, r.id, r.source, first] for r, first in duplicates],
     )
     _write_manifest(out, source, options, report, kept, results, shared_images=_shared_images(kept, results))
@@ -211,23 +222,48 @@ def prepare(source: str, out_dir: str | os.PathLike, options: PrepareOptions | N
 
 
 # -- rows -------------------------------------------------------------------------------------------------------------
-def _parse_row(index: int, record: dict[str, Any], columns: ColumnMap) -> Row:
+def _parse_row(index: int, record: dict[str, Any], columns: ColumnMap, *, hub: bool) -> Row:
     image = record[columns.image]
+    raw_id = record[columns.id]
+    if isinstance(raw_id, float) and raw_id.is_integer():
+        raw_id = int(raw_id)  # an integer id column with nulls is float in pandas: 1001.0 -> "1001"
     row = Row(
         index=index,
-        id="" if clean_text(record[columns.id]) is None else str(clean_text(record[columns.id])),
-        source="" if image is None or (isinstance(image, float) and math.isnan(image)) else str(image).strip(),
+        id=clean_text(raw_id) or "",
+        source=image.strip() if isinstance(image, str) else "",
         title=clean_text(record[columns.title]),
         category=clean_text(record[columns.category]) or MISSING_CATEGORY,
         price=parse_price(record[columns.price]),
     )
     raw_price = record[columns.price]
-    if row.title is None:
+    if not isinstance(image, str) and not is_missing(image):
+        row.reason, row.detail = "invalid_source", f"the image column holds a {type(image).__name__}, not a URL or path"
+    elif hub and source_kind(row.source) == "path":
+        row.reason, row.detail = "invalid_source", "a hub catalog may only name http(s) URLs, not local files"
+    elif row.title is None:
         row.reason = "missing_title"
     elif row.price is None:
         row.reason = "missing_price" if clean_text(raw_price) is None else "invalid_price"
         row.detail = "" if row.reason == "missing_price" else f"not a positive number: {raw_price!r}"
     return row
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold DIR's lock for the whole run: a second `prepare` on the same DIR fails at once instead of racing."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise RuntimeError(f"another phi3v prepare is using {out}; wait for it or use another --out") from err
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _transient(result: FetchResult) -> bool:
@@ -442,7 +478,8 @@ def summary_table(report: PrepareReport) -> str:
         f"{report.duplicates}"
     )
     lines.append(
-        f"  images fetched this run: {report.fetched_now}; files: dataset/ catalog.csv failures.csv manifest.json"
+        f"  images fetched this run: {report.fetched_now}; "
+        "files: dataset/ catalog.csv failures.csv duplicates.csv manifest.json"
     )
     return "\n".join(lines)
 

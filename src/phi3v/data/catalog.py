@@ -11,6 +11,7 @@ row either yields a clean (title, category, price) or a named reason.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -73,13 +74,29 @@ def load_catalog(source: str, *, split: str = "train") -> tuple[pd.DataFrame, Pa
             elif kind == "parquet":
                 frame = pd.read_parquet(path)
             else:
-                frame = pd.read_json(path, lines=True, dtype=False)
+                frame = _read_jsonl(path)
         except (ValueError, OSError) as err:
             raise CatalogError(f"{source}: cannot read the {kind} file ({err})") from err
         return frame, path.resolve().parent
     if source.endswith(tuple(LOCAL_SUFFIXES)) or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise CatalogError(f"catalog file {source} does not exist (and it is not a hub dataset id like 'org/name')")
     return _load_hub_dataset(source, split), None
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON lines with every value kept as parsed (ints stay ints, null stays None): no dtype inference, which would
+    turn an id column with a null into floats ("1001.0")."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number}: {err}") from err
+            if not isinstance(records[-1], dict):
+                raise ValueError(f"line {number}: expected a JSON object")
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})
 
 
 def _load_hub_dataset(dataset_id: str, split: str) -> pd.DataFrame:
@@ -129,38 +146,53 @@ def clean_text(value: object) -> str | None:
     return text or None
 
 
-_PRICE_JUNK = re.compile(r"[^\d.,\-]")
+_NUMBER = re.compile(
+    r"\d[\d.,\u00a0\u202f ]*"
+)  # digits with their grouping/decimal marks (no sign: prices are positive)
 
 
 def parse_price(value: object) -> float | None:
-    """A price as a float, or None when missing or not a positive number.
+    """A price as a float, or None when missing or not one positive number.
 
-    Accepts numbers and text such as "1,250.00", "$1,250", "USD 990", "1 250.5"; a comma followed by exactly one or
-    two digits at the end is a decimal comma ("89,90"). Anything else (words, several numbers) is None.
+    Accepts numbers and text with one number and optional currency words or signs: "1,250.00", "$1,250", "USD 990",
+    "1 250.50", "€1.250,00" (European), "89,90" (decimal comma). The decimal mark is the last "." or "," when
+    one or two digits follow it; every other mark groups thousands. Text with several numbers ("Size 2, 34.00"),
+    exponents, signs or words alone gives None rather than a guess.
     """
-    if is_missing(value):
-        return None
-    if isinstance(value, bool):
+    if is_missing(value) or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         number = float(value)
     else:
-        text = _PRICE_JUNK.sub("", str(value).strip())
-        if re.fullmatch(r"\d+,\d{1,2}", text):
-            text = text.replace(",", ".")
-        text = text.replace(",", "")
-        if not re.fullmatch(r"\d+(\.\d+)?", text):
+        text = str(value).strip()
+        numbers = _NUMBER.findall(text)
+        rest = _NUMBER.sub("", text)
+        if len(numbers) != 1 or re.search(r"[\d\-+eE]", rest.replace("EUR", "").replace("USD", "")):
             return None
-        number = float(text)
+        digits = re.sub(r"[\u00a0\u202f ]", "", numbers[0]).rstrip(".,")
+        match = re.search(r"[.,](\d{1,2})$", digits)
+        if match:  # decimal mark
+            whole, fraction = digits[: match.start()], match.group(1)
+        else:
+            whole, fraction = digits, ""
+        if not re.fullmatch(r"\d+|\d{1,3}([.,]\d{3})+", whole):  # thousands come in groups of three
+            return None
+        whole = re.sub(r"[.,]", "", whole)
+        number = float(f"{whole}.{fraction}" if fraction else whole)
     if not math.isfinite(number) or number <= 0:
         return None
     return number
 
 
 def normalize_title(title: str) -> str:
-    """Case, accents, punctuation and spacing folded: near-duplicate titles share one key."""
-    text = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower()
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+    """Case, accents, punctuation and spacing folded: near-duplicate titles share one key.
+
+    Letters of every script are kept ("手提包" and "Кошелёк" stay distinct); only accents (combining marks),
+    punctuation and spacing go.
+    """
+    decomposed = unicodedata.normalize("NFKD", title.casefold())
+    text = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFKC", text)).split())
 
 
 def assign_splits(keys: Sequence[str], fractions: Sequence[float], seed: int) -> list[str]:
