@@ -254,6 +254,6 @@ def test_behind_a_proxy_the_dns_precheck_gives_no_verdict(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://phi3v-no-such-host.invalid")
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert hub._unresolvable_hub_host() == "phi3v-no-such-host.invalid"
+    assert hub.unresolvable_hub_host() == "phi3v-no-such-host.invalid"
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
-    assert hub._unresolvable_hub_host() is None
+    assert hub.unresolvable_hub_host() is None

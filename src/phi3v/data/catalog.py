@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from phi3v.model.hub import is_hub_id, unresolvable_hub_host
+
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -78,7 +80,7 @@ def load_catalog(source: str, *, split: str = "train") -> tuple[pd.DataFrame, Pa
         except (ValueError, OSError) as err:
             raise CatalogError(f"{source}: cannot read the {kind} file ({err})") from err
         return frame, path.resolve().parent
-    if source.endswith(tuple(LOCAL_SUFFIXES)) or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if source.endswith(tuple(LOCAL_SUFFIXES)) or not is_hub_id(source):
         raise CatalogError(f"catalog file {source} does not exist (and it is not a hub dataset id like 'org/name')")
     return _load_hub_dataset(source, split), None
 
@@ -103,9 +105,7 @@ def _load_hub_dataset(dataset_id: str, split: str) -> pd.DataFrame:
     import datasets
     from huggingface_hub import constants
 
-    from phi3v.model.hub import _unresolvable_hub_host
-
-    host = None if constants.HF_HUB_OFFLINE else _unresolvable_hub_host()
+    host = None if constants.HF_HUB_OFFLINE else unresolvable_hub_host()
     try:
         if host:
             raise ConnectionError(f"the hub host {host} does not resolve (no network?)")

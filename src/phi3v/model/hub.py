@@ -20,7 +20,12 @@ logger = logging.getLogger(__name__)
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
-def _unresolvable_hub_host() -> str | None:
+def is_hub_id(text: str) -> bool:
+    """True for an 'org/name' hub id; false for anything that reads as a local path."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1 and "\\" not in text
+
+
+def unresolvable_hub_host() -> str | None:
     """The hub host's name if DNS cannot resolve it (no network), else None. Behind a proxy the local DNS does not
     decide whether the hub is reachable, so no verdict is given."""
     from huggingface_hub import constants
@@ -64,12 +69,12 @@ def resolve_model_folder(
     text = str(name_or_path)
     if path.exists():
         raise NotADirectoryError(f"{text}: expected a model folder, found a file")
-    if text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text:
+    if not is_hub_id(text):
         raise FileNotFoundError(f"model folder {text} does not exist (and it is not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
 
     reason = None
-    if not local_files_only and (host := _unresolvable_hub_host()):
+    if not local_files_only and (host := unresolvable_hub_host()):
         reason = f"the hub host {host} does not resolve (no network?)"
         local_files_only = True  # the cache may still hold it
     try:
