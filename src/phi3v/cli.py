@@ -4,10 +4,12 @@
     phi3v synth --out DIR --n N --seed S       draw a sample catalog in the DBQ schema
     phi3v info MODEL [--check-weights]        architecture, parameter count and image-token budget of a model
     phi3v tokens WIDTH HEIGHT [--num-crops N]  crop grid and token count of an image of that size
+    phi3v init-model OUT [--config tiny]       a random-weight model folder (offline stand-in for a hub checkpoint)
+    phi3v train --config FILE [--resume] [--key value ...]   fine-tune (LoRA / QLoRA / full / frozen vision)
 
 MODEL is a folder, a hub id (e.g. microsoft/Phi-3.5-vision-instruct) or a named config (`tiny`,
 `phi-3-vision-128k-instruct`, `phi-3.5-vision-instruct`). Heavy imports happen inside the commands, so `phi3v --help`
-answers at once. The other pipeline commands (train, evaluate, predict, serve, export) join this file as they land.
+answers at once. The other pipeline commands (evaluate, predict, serve, export) join this file as they land.
 """
 
 from __future__ import annotations
@@ -126,6 +128,39 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from phi3v.model.random_init import write_random_checkpoint
+
+    out = write_random_checkpoint(
+        args.out, args.config, seed=args.seed, num_crops=args.num_crops, tokenizer_folder=args.tokenizer
+    )
+    print(f"wrote a random-weight {args.config} model to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    import logging
+
+    from phi3v.config import ConfigError
+    from phi3v.data.collate import DatasetError
+    from phi3v.train import TrainingError, load_train_config, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_train_config(args.config, overrides)
+        summary = train(config, resume=args.resume)
+    except (ConfigError, DatasetError, TrainingError) as err:
+        print(f"phi3v train: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    print(
+        f"trained {summary.mode}: {summary.global_step} steps, train loss {summary.train_loss:.4f}; "
+        f"outputs in {summary.output_dir}"
+    )
+    if summary.wandb_offline_run:
+        print(f"W&B run logged offline; upload it with: wandb sync {summary.wandb_offline_run}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3v", description="Fine-tune Phi-3-Vision to read product photos.")
     parser.add_argument("--version", action="version", version=f"phi3v {__version__}")
@@ -169,12 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("height", type=int)
     tokens.add_argument("--num-crops", type=int, default=4, help="4 for Phi-3.5-V (its default), 16 for Phi-3-V")
     tokens.set_defaults(func=cmd_tokens)
+    init = commands.add_parser("init-model", help="write a random-weight model folder (offline stand-in)")
+    init.add_argument("out")
+    init.add_argument("--config", default="tiny", help="named config (default: %(default)s)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--num-crops", type=int, default=4)
+    init.add_argument("--tokenizer", default=None, help="tokenizer folder (required for full-size configs)")
+    init.set_defaults(func=cmd_init_model)
+    train = commands.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="fine-tune on a prepared dataset",
+        description="Fine-tune Phi-3-Vision. Any config key or TrainingArguments option can be overridden after "
+        "the config: --learning_rate 1e-4 --lora.r 8 --report_to wandb.",
+    )
+    train.add_argument("--config", default=None, help="YAML config (see configs/)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.set_defaults(func=cmd_train, takes_overrides=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, extra)
         return args.func(args)
     except (OSError, ValueError) as err:
         print(f"phi3v {args.command}: {err}", file=sys.stderr)

@@ -1,0 +1,864 @@
+"""`phi3v train`: fine-tune Phi-3-Vision on a `phi3v prepare` dataset with the transformers Trainer.
+
+    phi3v train --config configs/burberry-lora.yaml --learning_rate 1e-4 --report_to wandb
+    torchrun --nproc_per_node 8 -m phi3v.cli train --config configs/burberry-full.yaml
+
+Steps, top to bottom (`train`):
+
+1. Load and validate the config (`TrainConfig`: phi3v keys, ``lora:`` block, ``training:`` = any
+   `transformers.TrainingArguments` option); refuse a run that cannot work (QLoRA without CUDA, FSDP on CPU, an
+   output folder holding another run) before loading anything.
+2. Open the prepared dataset (`phi3v.data.collate.load_prepared_dataset`) and compute every row's token count from
+   the JPEG headers, for length-grouped batches.
+3. Load the processor and the model, then apply the mode: ``lora`` (peft LoRA on the LM's attention and MLP,
+   optionally the CLIP tower; optionally the projector fully trained), ``qlora`` (the same on a 4-bit NF4 LM,
+   bitsandbytes on CUDA), ``full``, ``freeze_vision`` (LM + projector).
+4. Train with `Phi3VTrainer`: per-component learning rates, a non-finite loss stops the run, padding ratio and
+   throughput logged, a generation check on a fixed validation subset at each evaluation (parsed price /
+   category / title, a `wandb.Table` of image, truth and prediction), checkpoints marked complete only once fully
+   written (resume never picks a partial one).
+5. Save the adapter or model, the processor, the resolved config and ``training_summary.json``.
+
+Resuming (``--resume``) continues from the latest complete checkpoint: weights, optimizer, scheduler, RNG states
+and data position are restored by the Trainer, so the run reaches the same steps and losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+import yaml
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from phi3v.config import ConfigError, config_to_dict, load_config
+from phi3v.data.collate import EVAL_SPLIT, TRAIN_SPLIT, Phi3VCollator, load_prepared_dataset, sequence_lengths
+from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, DEFAULT_PROMPT, AnswerTemplate, score_answers
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "phi3v_checkpoint.json"  # written last: a checkpoint folder without it is partial
+CONFIG_NAME = "train_config.yaml"
+SUMMARY_NAME = "training_summary.json"
+GENERATIONS_DIR = "generations"
+
+# LoRA targets (full-match regexes on module names; reference §2 for the names)
+LM_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+VISION_LORA_TARGETS = (
+    r"model\.vision_embed_tokens\.img_processor\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+    r"|mlp\.(fc1|fc2))"
+)
+VISION_PARAM = "img_processor."  # CLIP tower parameters
+PROJECTOR_PARAMS = ("img_projection.", "glb_GN", "sub_GN")  # projector MLP + learned separators
+
+# phi3v's defaults for TrainingArguments (a config's ``training:`` block overrides any of them)
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 2,
+    "per_device_eval_batch_size": 2,
+    "num_train_epochs": 1,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 100,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "train_sampling_strategy": "group_by_length",
+    "dataloader_num_workers": 2,
+    "report_to": "none",
+    "seed": 0,
+}
+# TrainingArguments phi3v sets itself: the collator needs every column, the model's labels key is fixed
+FORCED_TRAINING = {"remove_unused_columns": False, "label_names": ["labels"]}
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot start or cannot go on; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------- config
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (``lora:`` block). ``vision`` adds adapters to the CLIP tower's attention and MLP;
+    ``projector`` trains the image projector fully (saved with the adapter)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    vision: bool = False
+    projector: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError(f"lora.r and lora.alpha must be >= 1, got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a `phi3v train` run needs; YAML keys are the field names.
+
+    Attributes:
+        model: Model folder or hub id (``microsoft/Phi-3.5-vision-instruct``).
+        data: Output folder of `phi3v prepare`.
+        output_dir: Run folder: checkpoints, final weights, logs, W&B and TensorBoard runs.
+        mode: ``lora`` (default), ``qlora``, ``full`` or ``freeze_vision``.
+        prompt: User turn; holds one ``<|image_1|>`` tag and no catalog field (the model sees only the photo).
+        answer_template: Target answer over ``{title}``, ``{category}``, ``{price}``.
+        num_crops: HD crops per image (4 for Phi-3.5-V, 16 for Phi-3-V).
+        max_length: Truncate samples to this many tokens (None: no truncation).
+        model_dtype: Weights' dtype: ``auto`` = bfloat16 for (q)lora with ``bf16``, else float32 (mixed precision
+            keeps fp32 master weights); ``bfloat16`` / ``float32`` to choose.
+        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+        lora: `LoraSettings`.
+        vision_lr / projector_lr: Learning rates of the CLIP tower / the projector (None: ``learning_rate``).
+        eval_samples: Validation rows of the generation check at each evaluation (0: off).
+        eval_max_new_tokens: Token budget of those answers.
+        wandb_project: W&B project (``WANDB_PROJECT`` wins when set).
+        wandb_log_model: ``false``, ``end`` or ``checkpoint``: upload the model as a W&B artifact.
+        save_total_limit: Keep this many complete checkpoints (and always the best); None keeps all.
+        training: `transformers.TrainingArguments` options (`TRAINING_DEFAULTS` fill the gaps).
+    """
+
+    model: str
+    data: str
+    output_dir: str
+    mode: Literal["lora", "qlora", "full", "freeze_vision"] = "lora"
+    prompt: str = DEFAULT_PROMPT
+    answer_template: str = DEFAULT_ANSWER_TEMPLATE
+    num_crops: int = 4
+    max_length: int | None = None
+    model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    vision_lr: float | None = None
+    projector_lr: float | None = None
+    eval_samples: int = 16
+    eval_max_new_tokens: int = 64
+    wandb_project: str = "phi3v"
+    wandb_log_model: Literal["false", "end", "checkpoint"] = "false"
+    save_total_limit: int | None = None
+    training: dict[str, Any] = field(default_factory=dict, metadata={"passthrough": TrainingArguments})
+
+    def __post_init__(self) -> None:
+        from phi3v.model.processing import IMAGE_TAG_PATTERN
+
+        if len(IMAGE_TAG_PATTERN.findall(self.prompt)) != 1 or "<|image_1|>" not in self.prompt:
+            raise ValueError(f"prompt must hold exactly one <|image_1|> tag, got {self.prompt!r}")
+        if re.search(r"\{(title|category|price)[^}]*\}", self.prompt):
+            raise ValueError(f"prompt {self.prompt!r} names a catalog field: the model must read it from the photo")
+        AnswerTemplate(self.answer_template)  # raises on a bad template
+        if self.num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
+        if self.max_length is not None and self.max_length < 16:
+            raise ValueError(f"max_length must be >= 16 (or null), got {self.max_length}")
+        if self.eval_samples < 0 or self.eval_max_new_tokens < 1:
+            raise ValueError("eval_samples must be >= 0 and eval_max_new_tokens >= 1")
+        for key in ("vision_lr", "projector_lr"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        for key, value in FORCED_TRAINING.items():
+            if key in self.training and self.training[key] != value:
+                raise ValueError(f"training.{key} is set by phi3v ({value!r}); remove it from the config")
+        if "output_dir" in self.training:
+            raise ValueError("set output_dir at the top level of the config, not under training:")
+        if "save_total_limit" in self.training:
+            raise ValueError("set save_total_limit at the top level (phi3v rotates only complete checkpoints)")
+
+    def training_arguments(self) -> TrainingArguments:
+        """The `TrainingArguments` of this run: `TRAINING_DEFAULTS`, then ``training:``, then what phi3v forces."""
+        options = {**TRAINING_DEFAULTS, **self.training, **FORCED_TRAINING, "output_dir": self.output_dir}
+        if options.get("eval_strategy") == "no":
+            options.pop("eval_steps", None)
+        try:
+            return TrainingArguments(**options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"training: {err}") from err
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """`TrainConfig` from a YAML file and ``--key value`` overrides; ConfigError on any bad key or value."""
+    config = load_config(TrainConfig, path, overrides)
+    config.training_arguments()  # TrainingArguments' own checks (strategy combinations, ...) fail now, not later
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
+    """Refuse runs that cannot work, before any weights load."""
+    if config.mode == "qlora":
+        if not torch.cuda.is_available():
+            raise TrainingError(
+                "mode qlora quantizes the LM to 4 bits with bitsandbytes, which needs a CUDA GPU; this machine has "
+                "none. Use mode lora (same adapters on full-precision weights) or run on a GPU."
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise TrainingError("mode qlora needs bitsandbytes: pip install bitsandbytes") from err
+    if args.fsdp and not torch.cuda.is_available():
+        raise TrainingError(
+            "FSDP needs CUDA devices: on CPU, accelerate silently falls back to DDP. Drop fsdp for CPU runs."
+        )
+    if args.bf16 and not torch.cuda.is_available() and config.mode in ("lora", "qlora"):
+        logger.warning("bf16 on CPU: autocast works but is slow; fp32 is the usual choice without a GPU")
+
+
+def _complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders whose completion marker exists, oldest step first."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX) :]
+        if path.is_dir() and suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder (partial ones, e.g. from a crash mid-save, are skipped)."""
+    output_dir = Path(output_dir)
+    complete = _complete_checkpoints(output_dir)
+    partial = [
+        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not (p / COMPLETE_MARKER).is_file()
+    ]
+    for path in partial:
+        logger.warning("%s is incomplete (no %s): not resuming from it", path, COMPLETE_MARKER)
+    return complete[-1] if complete else None
+
+
+# The keys that must match for a resumed run to continue the same training
+_RESUME_KEYS = ("model", "data", "mode", "prompt", "answer_template", "num_crops", "max_length", "model_dtype", "lora")
+
+
+def _check_output_dir(config: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuse to mix two runs in one folder."""
+    output_dir = Path(config.output_dir)
+    saved_config = output_dir / CONFIG_NAME
+    if not resume:
+        if saved_config.exists() or any(output_dir.glob(f"{CHECKPOINT_PREFIX}*")):
+            raise TrainingError(
+                f"{output_dir} holds an earlier run: pass --resume to continue it, or choose another output_dir"
+            )
+        return None
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        raise TrainingError(f"--resume: {output_dir} has no complete checkpoint to resume from")
+    if saved_config.is_file():
+        before = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
+        now = config_to_dict(config)
+        changed = [key for key in _RESUME_KEYS if before.get(key) != now.get(key)]
+        if changed:
+            raise TrainingError(
+                f"--resume: the config differs from the run in {output_dir} in {', '.join(changed)}; "
+                "a resumed run must train the same model on the same data"
+            )
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------- model
+def _model_dtype(config: TrainConfig, args: TrainingArguments) -> torch.dtype:
+    if config.model_dtype != "auto":
+        return getattr(torch, config.model_dtype)
+    if config.mode == "qlora" or (config.mode == "lora" and args.bf16):
+        return torch.bfloat16  # frozen base weights: half the memory; adapters stay fp32 (peft autocasts them)
+    return torch.float32  # trained weights: fp32 master copy, bf16 autocast when args.bf16
+
+
+def _quantize_lm_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Replace the LM decoder's linear layers by bitsandbytes NF4 ``Linear4bit`` (QLoRA); CLIP, projector,
+    embeddings and ``lm_head`` stay in ``compute_dtype``."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in layer.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                )
+                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    quantized.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, quantized.to(device))  # .to(cuda) quantizes
+    model.is_loaded_in_4bit = True
+
+
+def _set_trainable(model: nn.Module, mode: str) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = not (mode == "freeze_vision" and VISION_PARAM in name)
+
+
+def _apply_lora(model: nn.Module, config: TrainConfig, gradient_checkpointing: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.mode == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    targets = LM_LORA_TARGETS + (f"|{VISION_LORA_TARGETS}" if config.lora.vision else "")
+    lora_config = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=f"({targets})",
+        modules_to_save=["img_projection"] if config.lora.projector else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def load_model_and_processor(config: TrainConfig, args: TrainingArguments) -> tuple[nn.Module, Any]:
+    """The processor and the model of a run, with the config's mode applied (trainable parameters set)."""
+    from phi3v.model.modeling import Phi3VForCausalLM
+    from phi3v.model.processing import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
+    dtype = _model_dtype(config, args)
+    device = None
+    if config.mode == "qlora":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model = Phi3VForCausalLM.from_pretrained(
+        config.model, dtype=dtype, device=device, attn_implementation=config.attn_implementation
+    )
+    if config.mode == "qlora":
+        _quantize_lm_4bit(model, dtype, device)
+    if config.mode in ("lora", "qlora"):
+        for param in model.parameters():
+            param.requires_grad = False
+        model = _apply_lora(model, config, bool(args.gradient_checkpointing))
+    else:
+        _set_trainable(model, config.mode)
+    model.config.use_cache = False  # training; generate() turns the cache on for the generation check
+    return model, processor
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameter counts (4-bit weights count their logical size)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return {"trainable": trainable, "total": total}
+
+
+def parameter_digest(model: nn.Module) -> str | None:
+    """SHA-256 over every parameter's bytes (None when parameters are sharded, e.g. FSDP)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if type(param.data) is not torch.Tensor and not isinstance(param.data, torch.Tensor):
+            return None
+        if param.data.__class__.__name__ == "DTensor":
+            return None
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ generation check
+class GenerationCheck:
+    """Greedy answers on a fixed validation subset, parsed and scored like `phi3v evaluate` does.
+
+    The subset is the same at every evaluation (first ``n`` rows of a seed-0 shuffle). Under several processes
+    each rank answers its share (``synced_gpus``, so sharded models stay in step) and rank 0 gathers them.
+    """
+
+    def __init__(self, dataset: Any, n: int, prompt: str, answer_template: AnswerTemplate, max_new_tokens: int):
+        order = list(range(len(dataset)))
+        random.Random(0).shuffle(order)
+        self.rows = [dataset[i] for i in sorted(order[:n])]
+        self.prompt = prompt
+        self.template = answer_template
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, processor: Any, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+        """Records of ``index``, ``truth``, ``prediction`` and the parsed fields for this rank's share."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        share = list(range(rank, len(self.rows), world))
+        per_rank = math.ceil(len(self.rows) / world)
+        padded = share + [share[0] if share else 0] * (per_rank - len(share))  # equal calls on every rank
+        end_ids = [i for i in (processor.end_token_id, processor.tokenizer.eos_token_id) if i is not None]
+        was_training = model.training
+        model.eval()
+        records: list[dict[str, Any]] = []
+        try:
+            for start in range(0, len(padded), batch_size):
+                indices = padded[start : start + batch_size]
+                batch = processor(
+                    [self.prompt] * len(indices),
+                    images=[self.rows[i]["image"] for i in indices],
+                    padding_side="left",
+                    return_tensors="pt",
+                ).to(device)
+                output = model.generate(
+                    **batch,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=end_ids,
+                    pad_token_id=processor.pad_token_id,
+                    use_cache=True,
+                    synced_gpus=distributed,
+                )
+                answers = processor.tokenizer.batch_decode(
+                    output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                for position, (i, answer) in enumerate(zip(indices, answers, strict=True)):
+                    if start + position >= len(share):
+                        continue  # padding for lock-step generation
+                    records.append({"index": i, "prediction": answer.strip()})
+        finally:
+            model.train(was_training)
+        return records
+
+    def score(self, records: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Metrics over all records and the records completed with truth and parsed fields, in subset order."""
+        records = sorted(records, key=lambda r: r["index"])
+        parsed = [self.template.parse(r["prediction"]) for r in records]
+        truths = [self.rows[r["index"]] for r in records]
+        metrics = score_answers(parsed, truths)
+        for record, pred, truth in zip(records, parsed, truths, strict=True):
+            record.update(
+                truth=self.template.format(truth),
+                parsed_title=pred.title,
+                parsed_category=pred.category,
+                parsed_price=pred.price,
+                true_price=float(truth["price"]),
+            )
+        return metrics, records
+
+
+# ------------------------------------------------------------------------------------------------------- trainer
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+class Phi3VTrainer(Trainer):
+    """`transformers.Trainer` with phi3v's additions.
+
+    - Per-component learning rates (CLIP tower / projector / LM), weight decay off for biases and norms.
+    - A NaN/inf loss on any rank stops the run (`NonFiniteLossError`) before the optimizer applies it; the last
+      complete checkpoint stays the latest.
+    - Training logs gain ``padding_ratio`` (padded / real tokens: 1.0 means no padding), ``images_per_second`` and
+      ``tokens_per_second`` (real tokens, all ranks, evaluation time excluded).
+    - Each evaluation adds the generation check's metrics (``eval_gen_*``), writes its answers to
+      ``generations/step-N.jsonl`` and, with W&B, logs a ``wandb.Table`` of image, truth and prediction.
+    - Checkpoints get a completion marker once fully written (all ranks); only complete ones are rotated
+      (``save_total_limit``, best kept) or resumed from; a failed save (e.g. disk full) removes its partial folder.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        phi3v_config: TrainConfig,
+        generation_check: GenerationCheck | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.phi3v_config = phi3v_config
+        self.generation_check = generation_check
+        self._reset_stats()
+
+    # ---- optimizer
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        lm_lr = self.args.learning_rate
+        rates = {
+            "vision": self.phi3v_config.vision_lr if self.phi3v_config.vision_lr is not None else lm_lr,
+            "projector": self.phi3v_config.projector_lr if self.phi3v_config.projector_lr is not None else lm_lr,
+            "lm": lm_lr,
+        }
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if VISION_PARAM in name:
+                component = "vision"
+            elif any(key in name for key in PROJECTOR_PARAMS):
+                component = "projector"
+            else:
+                component = "lm"
+            groups.setdefault((component, name in decay), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "lr": rates[component],
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+                "name": f"{component}{'' if decays else '_no_decay'}",
+            }
+            for (component, decays), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, lr=lm_lr, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- loss, non-finite guard, throughput
+    def _reset_stats(self) -> None:
+        self._images = 0
+        self._real_tokens = 0
+        self._padded_tokens = 0
+        self._stats_start: float | None = None
+        self._excluded_time = 0.0
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if model.training:
+            if self._stats_start is None:
+                self._stats_start = time.perf_counter()
+            mask = inputs["attention_mask"]
+            self._real_tokens += int(mask.sum())
+            self._padded_tokens += mask.numel()
+            self._images += int(inputs["image_sizes"].shape[0]) if "image_sizes" in inputs else 0
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args, **kwargs)  # already backpropagated
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together (no collective left hanging)
+        if bad.item() > 0:
+            last = latest_checkpoint(self.args.output_dir)
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1} "
+                f"(epoch {self.state.epoch or 0:.2f}); stopped before the optimizer applied it. "
+                + (
+                    f"The last good checkpoint is {last}: lower the learning rate and --resume, or restart."
+                    if last is not None
+                    else "No checkpoint was saved yet: lower the learning rate (or check the data) and restart."
+                )
+            )
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats_start is not None:
+            counts = torch.tensor([self._images, self._real_tokens, self._padded_tokens], dtype=torch.float64)
+            if self.args.world_size > 1:
+                import torch.distributed as dist
+
+                counts = counts.to(self.args.device)
+                dist.all_reduce(counts)
+                counts = counts.cpu()
+            images, real, padded = counts.tolist()
+            elapsed = max(time.perf_counter() - self._stats_start - self._excluded_time, 1e-9)
+            if real > 0:
+                logs["padding_ratio"] = round(padded / real, 4)
+                logs["images_per_second"] = round(images / elapsed, 3)
+                logs["tokens_per_second"] = round(real / elapsed, 1)
+            self._reset_stats()
+        super().log(logs, start_time)
+
+    # ---- evaluation with the generation check
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._excluded_time += time.perf_counter() - started
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self.generation_check is None or not self.generation_check.rows:
+            return output
+        records = self.generation_check.run(
+            self.model, self.processing_class, self.args.per_device_eval_batch_size, self.args.device
+        )
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.args.world_size
+            dist.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        metrics, records = self.generation_check.score(records)
+        output.metrics.update({f"{prefix}_gen_{key}": value for key, value in metrics.items()})
+        if self.args.should_save:
+            self._write_generations(records)
+        return output
+
+    def _write_generations(self, records: list[dict[str, Any]]) -> None:
+        folder = Path(self.args.output_dir) / GENERATIONS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        step = self.state.global_step
+        with open(folder / f"step-{step}.jsonl", "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            import wandb
+        except ImportError:
+            return
+        if "wandb" not in (self.args.report_to or []) or wandb.run is None:
+            return
+        table = wandb.Table(columns=["step", "image", "truth", "prediction", "price_ape", "category_ok"])
+        for record in records:
+            image = self.generation_check.rows[record["index"]]["image"].copy()
+            image.thumbnail((256, 256))
+            truth_row = self.generation_check.rows[record["index"]]
+            price_ape = (
+                abs(record["parsed_price"] - record["true_price"]) / record["true_price"]
+                if record["parsed_price"] is not None
+                else None
+            )
+            category_ok = (record["parsed_category"] or "").casefold() == str(truth_row["category"]).casefold()
+            table.add_data(step, wandb.Image(image), record["truth"], record["prediction"], price_ape, category_ok)
+        wandb.log({"eval/generations": table, "train/global_step": step})
+
+    # ---- checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            last = latest_checkpoint(run_dir)
+            reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)
+            raise TrainingError(
+                f"saving {folder} failed: {reason}. The partial folder was removed; the latest complete checkpoint "
+                f"is {last if last is not None else 'none'} (resume from it with --resume once there is space)."
+            ) from err
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has written its part (optimizer shards, RNG states)
+        if self.args.should_save:
+            marker = {"step": self.state.global_step, "files": sorted(p.name for p in folder.iterdir())}
+            tmp = folder / f".{COMPLETE_MARKER}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(marker, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, folder / COMPLETE_MARKER)
+            self._rotate_complete_checkpoints(run_dir)
+
+    def _rotate_complete_checkpoints(self, run_dir: Path) -> None:
+        limit = self.phi3v_config.save_total_limit
+        if limit is None:
+            return
+        complete = _complete_checkpoints(run_dir)
+        best = Path(self.state.best_model_checkpoint).resolve() if self.state.best_model_checkpoint else None
+        removable = [p for p in complete if p.resolve() != best]
+        keep = limit - (1 if best is not None and best.exists() else 0)
+        for path in removable[: max(0, len(removable) - max(keep, 1))]:
+            logger.info("removing old checkpoint %s (save_total_limit=%d)", path, limit)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- tracking
+def _setup_tracking(config: TrainConfig, args: TrainingArguments) -> None:
+    """Point W&B and TensorBoard into the run folder; W&B goes offline when no API key is available."""
+    output_dir = Path(config.output_dir).resolve()
+    report_to = args.report_to or []
+    if "tensorboard" in report_to:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "tensorboard"))
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
+        os.environ["WANDB_LOG_MODEL"] = config.wandb_log_model
+        os.environ.setdefault("WANDB_DIR", str(output_dir))
+        for name, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+            os.environ.setdefault(name, str(output_dir / "wandb" / sub))
+        if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
+            if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+                logger.warning("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline into %s", output_dir)
+            os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def _finish_wandb() -> str | None:
+    """Close the W&B run; return its folder when it ran offline (to ``wandb sync`` later)."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    if wandb.run is None:
+        return None
+    offline = bool(getattr(wandb.run.settings, "_offline", False)) or os.environ.get("WANDB_MODE") == "offline"
+    run_dir = str(Path(wandb.run.dir).parent)
+    wandb.finish()
+    return run_dir if offline else None
+
+
+class _GradientCheckpointingCallback(TrainerCallback):
+    """Keep gradients flowing into checkpointed blocks whose inputs are frozen embeddings (LoRA)."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        if args.gradient_checkpointing and model is not None and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+
+# ------------------------------------------------------------------------------------------------------- the stage
+@dataclass
+class TrainingSummary:
+    """What a run did; written to ``OUTPUT/training_summary.json``."""
+
+    output_dir: str
+    mode: str
+    global_step: int
+    epochs: float
+    train_loss: float | None
+    runtime_seconds: float
+    world_size: int
+    parameters: dict[str, int]
+    resumed_from: str | None
+    best_checkpoint: str | None
+    best_metric: float | None
+    final_eval: dict[str, float]
+    rank_parameter_digests: list[str | None]
+    wandb_offline_run: str | None
+    versions: dict[str, str]
+
+
+def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainingSummary:
+    """Run one training job end to end (see the module docstring for the steps).
+
+    Args:
+        config: A validated `TrainConfig` (`load_train_config`).
+        resume: Continue from the latest complete checkpoint in ``config.output_dir``.
+        callbacks: Extra `TrainerCallback`s (e.g. from a notebook).
+
+    Returns:
+        `TrainingSummary`, also written to ``training_summary.json``.
+
+    Raises:
+        TrainingError: A run that cannot start or go on (message says why), including `NonFiniteLossError`.
+        DatasetError: The data folder is not a usable prepared dataset.
+        ConfigError: A bad config value found when the Trainer is built.
+    """
+    started = time.perf_counter()
+    args = config.training_arguments()
+    _preflight(config, args)
+    checkpoint = _check_output_dir(config, resume)
+    output_dir = Path(config.output_dir)
+
+    # data: prepared splits, lengths for length-grouped sampling
+    splits = load_prepared_dataset(
+        config.data, (TRAIN_SPLIT, EVAL_SPLIT) if args.eval_strategy != "no" else (TRAIN_SPLIT,)
+    )
+    model, processor = load_model_and_processor(config, args)
+    template = AnswerTemplate(config.answer_template)
+    prompt = processor.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True)
+    train_set, eval_set = splits[TRAIN_SPLIT], splits.get(EVAL_SPLIT)
+    if args.train_sampling_strategy == "group_by_length":  # the Trainer groups evaluation batches by length too
+        train_set, eval_set = (
+            split.add_column(args.length_column_name, sequence_lengths(split, processor, prompt, template))
+            if split is not None
+            else None
+            for split in (train_set, eval_set)
+        )
+    generation_check = (
+        GenerationCheck(eval_set, config.eval_samples, prompt, template, config.eval_max_new_tokens)
+        if eval_set is not None and config.eval_samples > 0
+        else None
+    )
+    counts = parameter_counts(model)
+    logger.info(
+        "mode %s: %s of %s parameters trainable (%.2f%%); %d train / %d validation rows",
+        config.mode,
+        f"{counts['trainable']:,}",
+        f"{counts['total']:,}",
+        100 * counts["trainable"] / max(counts["total"], 1),
+        len(train_set),
+        len(eval_set) if eval_set is not None else 0,
+    )
+
+    # run folder: resolved config first (a crash later still leaves it)
+    _setup_tracking(config, args)
+    if args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+    trainer = Phi3VTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Phi3VCollator(processor, prompt, template, config.max_length),
+        processing_class=processor,
+        callbacks=[_GradientCheckpointingCallback(), *(callbacks or [])],
+        phi3v_config=config,
+        generation_check=generation_check,
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        final_eval = trainer.evaluate() if eval_set is not None else {}
+        trainer.save_model(str(output_dir))
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainingError(f"the disk is full while writing to {output_dir}: {err}") from err
+        raise
+    finally:
+        wandb_run = _finish_wandb()
+
+    digest = parameter_digest(trainer.model)
+    digests: list[str | None] = [digest]
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        digests = [None] * args.world_size
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            logger.error("ranks ended with different weights: %s", digests)
+    summary = TrainingSummary(
+        output_dir=str(output_dir),
+        mode=config.mode,
+        global_step=trainer.state.global_step,
+        epochs=float(trainer.state.epoch or 0.0),
+        train_loss=float(result.training_loss) if result.training_loss is not None else None,
+        runtime_seconds=round(time.perf_counter() - started, 2),
+        world_size=args.world_size,
+        parameters=counts,
+        resumed_from=str(checkpoint) if checkpoint is not None else None,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        best_metric=trainer.state.best_metric,
+        final_eval={k: (float(v) if math.isfinite(v) else None) for k, v in final_eval.items()},
+        rank_parameter_digests=digests,
+        wandb_offline_run=wandb_run,
+        versions={"torch": torch.__version__, "transformers": transformers.__version__},
+    )
+    if args.should_save:
+        (output_dir / SUMMARY_NAME).write_text(json.dumps(dataclasses.asdict(summary), indent=2), encoding="utf-8")
+        with open(output_dir / "log_history.jsonl", "w", encoding="utf-8") as fh:
+            for entry in trainer.state.log_history:
+                fh.write(json.dumps(entry) + "\n")
+    if wandb_run is not None and args.should_save:
+        logger.warning("W&B ran offline; upload the run with: wandb sync %s", wandb_run)
+    return summary
