@@ -66,3 +66,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny Phi-3-V model folder (`phi3v init-model`, seed 0). Read-only."""
+    from train_helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory):
+    """A prepared 48-product synth catalog with square, wide and tall photos. Read-only."""
+    from train_helpers import build_prepared_catalog
+
+    return build_prepared_catalog(tmp_path_factory.mktemp("tiny-data"))

@@ -97,6 +97,9 @@ def coerce_value(where: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected text, got {value!r}")
+    members = getattr(annotation, "__members__", {})
+    if value is False and isinstance(annotation, type) and "no" in {m.value for m in members.values()}:
+        return "no"  # YAML 1.1 reads `eval_strategy: no` as False: give strategy enums their "no" back
     if isinstance(annotation, type) and issubclass(annotation, str) and isinstance(value, str):  # str enums
         try:
             return annotation(value).value

@@ -189,10 +189,15 @@ class TrainConfig:
     def training_arguments(self) -> TrainingArguments:
         """The `TrainingArguments` of this run: `TRAINING_DEFAULTS`, then ``training:``, then what phi3v forces."""
         options = {**TRAINING_DEFAULTS, **self.training, **FORCED_TRAINING, "output_dir": self.output_dir}
+        options.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            options.setdefault("use_cpu", True)  # else each CPU process (gloo) takes itself for the only one
         if options.get("eval_strategy") == "no":
             options.pop("eval_steps", None)
         try:
             return TrainingArguments(**options)
+        except ImportError as err:  # e.g. --deepspeed without the deepspeed package
+            raise ConfigError(f"training: {err}") from err
         except (TypeError, ValueError) as err:
             raise ConfigError(f"training: {err}") from err
 
@@ -217,12 +222,10 @@ def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
             raise TrainingError("mode qlora needs bitsandbytes: pip install bitsandbytes") from err
-    if args.fsdp and not torch.cuda.is_available():
+    if (args.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true") and not torch.cuda.is_available():
         raise TrainingError(
             "FSDP needs CUDA devices: on CPU, accelerate silently falls back to DDP. Drop fsdp for CPU runs."
         )
-    if args.bf16 and not torch.cuda.is_available() and config.mode in ("lora", "qlora"):
-        logger.warning("bf16 on CPU: autocast works but is slow; fp32 is the usual choice without a GPU")
 
 
 def _complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -484,6 +487,7 @@ class Phi3VTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.phi3v_config = phi3v_config
         self.generation_check = generation_check
+        self.generations_name: str | None = None  # file name of the next generation check (default: step-N)
         self._reset_stats()
 
     # ---- optimizer
@@ -585,7 +589,8 @@ class Phi3VTrainer(Trainer):
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self._excluded_time += time.perf_counter() - started
+            if self._stats_start is not None:  # inside a measured window: keep evaluation out of the throughput
+                self._excluded_time += time.perf_counter() - started
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         output = super().evaluation_loop(*args, **kwargs)
@@ -611,7 +616,8 @@ class Phi3VTrainer(Trainer):
         folder = Path(self.args.output_dir) / GENERATIONS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         step = self.state.global_step
-        with open(folder / f"step-{step}.jsonl", "w", encoding="utf-8") as fh:
+        name = self.generations_name or f"step-{step}"
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         try:
@@ -640,11 +646,11 @@ class Phi3VTrainer(Trainer):
         folder = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as err:
+        except Exception as err:  # OSError, torch.save's RuntimeError, SafetensorError...: the folder is partial
             if self.args.should_save:
                 shutil.rmtree(folder, ignore_errors=True)
             last = latest_checkpoint(run_dir)
-            reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)
+            reason = _write_failure(err)
             raise TrainingError(
                 f"saving {folder} failed: {reason}. The partial folder was removed; the latest complete checkpoint "
                 f"is {last if last is not None else 'none'} (resume from it with --resume once there is space)."
@@ -674,6 +680,17 @@ class Phi3VTrainer(Trainer):
         for path in removable[: max(0, len(removable) - max(keep, 1))]:
             logger.info("removing old checkpoint %s (save_total_limit=%d)", path, limit)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_failure(err: BaseException) -> str:
+    """A short reason for a failed write: "the disk is full" when it is, else the error itself."""
+    if (
+        getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "os error 28" in str(err)
+        or "No space left" in str(err)
+    ):
+        return "the disk is full"
+    return f"{type(err).__name__}: {err}"
 
 
 # ------------------------------------------------------------------------------------------------------- tracking
@@ -773,6 +790,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
     splits = load_prepared_dataset(
         config.data, (TRAIN_SPLIT, EVAL_SPLIT) if args.eval_strategy != "no" else (TRAIN_SPLIT,)
     )
+    transformers.set_seed(args.seed)  # adapters are initialised from the global RNG: same seed, same run
     model, processor = load_model_and_processor(config, args)
     template = AnswerTemplate(config.answer_template)
     prompt = processor.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True)
@@ -819,12 +837,12 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
     )
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        trainer.generations_name = "final"  # the final model's answers (the best one with load_best_model_at_end)
         final_eval = trainer.evaluate() if eval_set is not None else {}
-        trainer.save_model(str(output_dir))
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TrainingError(f"the disk is full while writing to {output_dir}: {err}") from err
-        raise
+        try:
+            trainer.save_model(str(output_dir))
+        except Exception as err:
+            raise TrainingError(f"saving the final model to {output_dir} failed ({_write_failure(err)})") from err
     finally:
         wandb_run = _finish_wandb()
 

@@ -63,16 +63,26 @@ def load_prepared_dataset(folder: str | Path, splits: Sequence[str] = (TRAIN_SPL
         )
     try:
         json.loads(manifest_path.read_text(encoding="utf-8"))
-        dataset_dict = datasets.load_from_disk(str(root / "dataset"))
+        index = json.loads((root / "dataset" / "dataset_dict.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DatasetError(f"{str(root)!r}: cannot read the prepared dataset: {err}") from err
-    if not isinstance(dataset_dict, datasets.DatasetDict):
-        raise DatasetError(f"{str(root / 'dataset')!r} holds one split, not the train/validation/test of phi3v prepare")
+        raise DatasetError(
+            f"{str(root)!r}: cannot read the prepared dataset ({err}); it is not a complete phi3v prepare output"
+        ) from err
+    available = list(index.get("splits", []))
     out: dict[str, Any] = {}
     for name in splits:
-        if name not in dataset_dict:
-            raise DatasetError(f"{str(root)!r}: no {name!r} split (has: {', '.join(dataset_dict)})")
-        split = dataset_dict[name]
+        if name not in available:
+            raise DatasetError(f"{str(root)!r}: no {name!r} split (has: {', '.join(available)})")
+        split_dir = root / "dataset" / name
+        state = split_dir / "state.json"
+        if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files"):
+            raise DatasetError(
+                f"{str(root)!r}: split {name!r} is empty; re-run phi3v prepare with a larger catalog or other --splits"
+            )
+        try:
+            split = datasets.load_from_disk(str(split_dir))
+        except (OSError, ValueError, IndexError) as err:
+            raise DatasetError(f"{str(root)!r}: cannot read split {name!r}: {err}") from err
         missing = [column for column in REQUIRED_COLUMNS if column not in split.column_names]
         if missing:
             raise DatasetError(
