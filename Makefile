@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python benchmarks/processor.py
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -44,3 +44,23 @@ def test_readme_offline_prepare_commands_run(tmp_path, monkeypatch, capsys):
         assert main([*command[1:], *(["--quiet"] if command[1] == "prepare" else [])]) == 0
     assert "rows in = kept + failed + duplicates: 200 =" in capsys.readouterr().out
     assert (tmp_path / "data" / "sample-prepared" / "dataset" / "dataset_dict.json").is_file()
+
+
+def test_readme_offline_training_commands_run(tmp_path, monkeypatch, tiny_dataset_dir, capsys):
+    """The README's offline training lines (`phi3v init-model`, `phi3v train --config configs/tiny.yaml`) run as
+    written on a prepared sample (a few steps: `--max_steps 4` is the only addition)."""
+    import shlex
+    import shutil
+
+    from phi3v.cli import main
+
+    lines = README.read_text().splitlines()
+    init = shlex.split(next(line for line in lines if line.startswith("phi3v init-model ")).split("#")[0])
+    train = shlex.split(next(line for line in lines if line.startswith("phi3v train --config configs/tiny")))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(README.parent / "configs", tmp_path / "configs")
+    shutil.copytree(tiny_dataset_dir, tmp_path / "data" / "sample-prepared")  # what the prepare line writes
+    assert main(init[1:]) == 0
+    assert main([*train[1:], "--max_steps", "4", "--eval_steps", "4", "--save_steps", "4"]) == 0
+    assert "trained lora: 4 steps" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "tiny-lora" / "adapter_model.safetensors").is_file()
