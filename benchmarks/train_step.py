@@ -81,10 +81,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from machine import describe  # benchmarks/machine.py (this script's folder is on sys.path)
+from phi3v.data.synthetic import MIXED_SHAPES
 
 MODES = ("lora", "full", "freeze_vision", "qlora")
 SAMPLERS = ("group_by_length", "random")
-SHAPES = ((256, 256), (448, 224), (224, 448))  # square, wide (1x2 crops at num_crops 4), tall (2x1)
+SHAPES = MIXED_SHAPES  # square, wide (1x2 crops at num_crops 4), tall (2x1)
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
@@ -106,19 +107,12 @@ def build_model_folder(folder: Path, config_name: str, num_crops: int, tokenizer
 
 
 def build_prepared_catalog(folder: Path, n: int, seed: int = 0) -> Path:
-    """A `phi3v synth` catalog of ``n`` products, photos reshaped round-robin to `SHAPES`, run through prepare
-    (the logic of tests/train_helpers.py, copied: benchmarks do not import from tests/)."""
-    from PIL import Image
-
-    from phi3v.data.synthetic import make_synthetic_catalog
+    """A `phi3v synth` catalog of ``n`` products, photos reshaped round-robin to `SHAPES`, run through prepare."""
+    from phi3v.data.synthetic import make_synthetic_catalog, reshape_photos
     from phi3v.prepare import PrepareOptions, prepare
 
     catalog = make_synthetic_catalog(folder / "synth", n, seed=seed, image_size=256, quirks=False)
-    for i, path in enumerate(sorted((catalog.parent / "images").glob("*.jpg"))):
-        size = SHAPES[i % len(SHAPES)]
-        if size != (256, 256):
-            with Image.open(path) as image:
-                image.convert("RGB").resize(size).save(path, quality=90)
+    reshape_photos(catalog, SHAPES)
     report = prepare(str(catalog), folder / "prepared", PrepareOptions(progress=False))
     if not report.invariant_holds() or report.kept != n:
         raise RuntimeError(f"prepare kept {report.kept} of {n} rows: {report}")

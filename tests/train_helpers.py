@@ -7,10 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
-SHAPES = ((256, 256), (448, 224), (224, 448))  # square, wide (1x2 crops at num_crops 4), tall (2x1)
-
 
 def build_tiny_model(folder: Path) -> Path:
     """`phi3v init-model` (tiny, seed 0) into ``folder``."""
@@ -20,20 +16,16 @@ def build_tiny_model(folder: Path) -> Path:
 
 
 def build_prepared_catalog(folder: Path, n: int = 48, seed: int = 0) -> Path:
-    """A `phi3v synth` catalog of ``n`` products, photos reshaped round-robin to `SHAPES`, run through prepare.
+    """A `phi3v synth` catalog of ``n`` products, photos made square / wide / tall (`reshape_photos`), prepared.
 
     Returns:
         `Path`: the prepared folder (``folder / "prepared"``).
     """
-    from phi3v.data.synthetic import make_synthetic_catalog
+    from phi3v.data.synthetic import make_synthetic_catalog, reshape_photos
     from phi3v.prepare import PrepareOptions, prepare
 
     catalog = make_synthetic_catalog(folder / "synth", n, seed=seed, image_size=256, quirks=False)
-    for i, path in enumerate(sorted((catalog.parent / "images").glob("*.jpg"))):
-        size = SHAPES[i % len(SHAPES)]
-        if size != (256, 256):
-            with Image.open(path) as image:
-                image.convert("RGB").resize(size).save(path, quality=90)
+    reshape_photos(catalog)
     report = prepare(str(catalog), folder / "prepared", PrepareOptions(progress=False))
     assert report.invariant_holds() and report.kept == n, report
     return folder / "prepared"

@@ -784,6 +784,10 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
     args = config.training_arguments()
     _preflight(config, args)
     checkpoint = _check_output_dir(config, resume)
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
     output_dir = Path(config.output_dir)
 
     # data: prepared splits, lengths for length-grouped sampling

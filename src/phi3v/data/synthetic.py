@@ -674,3 +674,27 @@ def _run_parallel(fn: Callable[[int], None], items: list[int], workers: int = 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in pool.map(fn, items):
             pass
+
+
+MIXED_SHAPES = ((256, 256), (448, 224), (224, 448))  # square, wide (1x2 crops at num_crops 4), tall (2x1)
+
+
+def reshape_photos(catalog: Path, shapes: tuple[tuple[int, int], ...] = MIXED_SHAPES) -> None:
+    """Resize a synth catalog's photos round-robin (by file name order) to ``shapes``, in place.
+
+    Real catalogs mix portrait, landscape and square photos; this gives a drawn catalog the same spread, so its
+    batches mix crop grids and token counts (what length-grouped sampling and padding are about).
+
+    Args:
+        catalog (`Path`): The ``catalog.csv`` written by `make_synthetic_catalog` (its photos are in ``images/``).
+        shapes: ``(width, height)`` sizes; photo ``i`` gets ``shapes[i % len(shapes)]``.
+    """
+    for i, path in enumerate(sorted((Path(catalog).parent / "images").glob("*.*"))):
+        with Image.open(path) as image:
+            if image.size == shapes[i % len(shapes)]:
+                continue
+            resized = image.convert("RGB").resize(shapes[i % len(shapes)], Image.Resampling.BILINEAR)
+        if path.suffix == ".jpg":
+            resized.save(path, quality=90)
+        else:
+            resized.save(path)
