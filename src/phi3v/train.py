@@ -694,8 +694,26 @@ def _write_failure(err: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- tracking
-def _setup_tracking(config: TrainConfig, args: TrainingArguments) -> None:
-    """Point W&B and TensorBoard into the run folder; W&B goes offline when no API key is available."""
+# The environment variables `_setup_tracking` may set (put back by `_restore_env` when the run ends)
+_TRACKING_ENV = (
+    "TENSORBOARD_LOGGING_DIR",
+    "WANDB_PROJECT",
+    "WANDB_LOG_MODEL",
+    "WANDB_DIR",
+    "WANDB_DATA_DIR",
+    "WANDB_CACHE_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_MODE",
+)
+
+
+def _setup_tracking(config: TrainConfig, args: TrainingArguments) -> dict[str, str | None]:
+    """Point W&B and TensorBoard into the run folder; W&B goes offline when no API key is available.
+
+    Returns the previous values of the variables it may set, for `_restore_env`: without it, the next `train` in
+    this process would keep this run's folders (``setdefault``) and its offline mode.
+    """
+    previous = {name: os.environ.get(name) for name in _TRACKING_ENV}
     output_dir = Path(config.output_dir).resolve()
     report_to = args.report_to or []
     if "tensorboard" in report_to:
@@ -710,6 +728,16 @@ def _setup_tracking(config: TrainConfig, args: TrainingArguments) -> None:
             if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
                 logger.warning("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline into %s", output_dir)
             os.environ.setdefault("WANDB_MODE", "offline")
+    return previous
+
+
+def _restore_env(previous: dict[str, str | None]) -> None:
+    """Put the environment variables back as they were before `_setup_tracking`."""
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _wandb_logged_in() -> bool:
@@ -731,7 +759,23 @@ def _finish_wandb() -> str | None:
     offline = bool(getattr(wandb.run.settings, "_offline", False)) or os.environ.get("WANDB_MODE") == "offline"
     run_dir = str(Path(wandb.run.dir).parent)
     wandb.finish()
+    wandb.teardown()  # wandb reads WANDB_* once per session: the next run in this process must start a new one
     return run_dir if offline else None
+
+
+class _WandbConfigCallback(TrainerCallback):
+    """Add phi3v's own config (mode, data, templates, LoRA...) to the W&B run's config, beside TrainingArguments."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config_to_dict(config)
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        try:
+            import wandb
+        except ImportError:
+            return
+        if state.is_world_process_zero and wandb.run is not None:
+            wandb.config.update({"phi3v": self.config}, allow_val_change=True)
 
 
 class _GradientCheckpointingCallback(TrainerCallback):
@@ -823,23 +867,23 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
     )
 
     # run folder: resolved config first (a crash later still leaves it)
-    _setup_tracking(config, args)
     if args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
 
-    trainer = Phi3VTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=Phi3VCollator(processor, prompt, template, config.max_length),
-        processing_class=processor,
-        callbacks=[_GradientCheckpointingCallback(), *(callbacks or [])],
-        phi3v_config=config,
-        generation_check=generation_check,
-    )
+    previous_env = _setup_tracking(config, args)
     try:
+        trainer = Phi3VTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=Phi3VCollator(processor, prompt, template, config.max_length),
+            processing_class=processor,
+            callbacks=[_GradientCheckpointingCallback(), _WandbConfigCallback(config), *(callbacks or [])],
+            phi3v_config=config,
+            generation_check=generation_check,
+        )
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         trainer.generations_name = "final"  # the final model's answers (the best one with load_best_model_at_end)
         final_eval = trainer.evaluate() if eval_set is not None else {}
@@ -849,6 +893,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
             raise TrainingError(f"saving the final model to {output_dir} failed ({_write_failure(err)})") from err
     finally:
         wandb_run = _finish_wandb()
+        _restore_env(previous_env)  # a later run in this process (notebook, sweep) gets its own folders
 
     digest = parameter_digest(trainer.model)
     digests: list[str | None] = [digest]
@@ -879,8 +924,9 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
     if args.should_save:
         (output_dir / SUMMARY_NAME).write_text(json.dumps(dataclasses.asdict(summary), indent=2), encoding="utf-8")
         with open(output_dir / "log_history.jsonl", "w", encoding="utf-8") as fh:
-            for entry in trainer.state.log_history:
-                fh.write(json.dumps(entry) + "\n")
+            for entry in trainer.state.log_history:  # strict JSON: NaN (e.g. no price parsed) becomes null
+                clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
+                fh.write(json.dumps(clean) + "\n")
     if wandb_run is not None and args.should_save:
         logger.warning("W&B ran offline; upload the run with: wandb sync %s", wandb_run)
     return summary
