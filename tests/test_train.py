@@ -209,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tiny_datas
                 max_steps=2,
                 eval_strategy="no",
                 save_strategy="no",
-                gradient_checkpointing=flag,
+                activation_checkpointing=flag,
             )
         )
         runs[flag] = _losses(out)
