@@ -75,10 +75,11 @@ def load_prepared_dataset(folder: str | Path, splits: Sequence[str] = (TRAIN_SPL
             raise DatasetError(f"{str(root)!r}: no {name!r} split (has: {', '.join(available)})")
         split_dir = root / "dataset" / name
         state = split_dir / "state.json"
+        empty = DatasetError(
+            f"{str(root)!r}: split {name!r} is empty; re-run phi3v prepare with a larger catalog or other --splits"
+        )
         if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files"):
-            raise DatasetError(
-                f"{str(root)!r}: split {name!r} is empty; re-run phi3v prepare with a larger catalog or other --splits"
-            )
+            raise empty  # datasets cannot even load a split saved with no rows
         try:
             split = datasets.load_from_disk(str(split_dir))
         except (OSError, ValueError, IndexError) as err:
@@ -90,9 +91,7 @@ def load_prepared_dataset(folder: str | Path, splits: Sequence[str] = (TRAIN_SPL
                 f"(has: {', '.join(split.column_names)})"
             )
         if len(split) == 0:
-            raise DatasetError(
-                f"{str(root)!r}: split {name!r} is empty; re-run phi3v prepare with a larger catalog or other --splits"
-            )
+            raise empty
         out[name] = split
     return out
 
