@@ -89,3 +89,11 @@ def test_scores_need_matching_non_empty_inputs():
         score_answers([ParsedAnswer(None, None, None)], [ROW, ROW])
     assert math.isnan(score_answers([ParsedAnswer(None, None, None)], [ROW])["price_mae"])
     assert DEFAULT_ANSWER_TEMPLATE.startswith("Product: {title}")
+
+
+def test_parse_rate_counts_only_the_template_fields():
+    template = AnswerTemplate("{title} | {price}")
+    parsed = template.parse("Blue Bag | 200")
+    assert parsed.ok and parsed.category is None
+    scores = score_answers([parsed], [{"title": "Blue Bag", "category": "BAGS", "price": 200.0}])
+    assert scores["parse_rate"] == 1.0 and scores["price_ape_median"] == 0.0

@@ -388,3 +388,44 @@ def test_cli_reports_config_errors(tiny_model_dir, tiny_dataset_dir, tmp_path, c
     assert "lora.r: expected an integer, got 'many'" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         load_train_config(REPO / "configs" / "tiny.yaml", ["--mode", "half"])
+
+
+def test_rotation_keeps_the_newest_and_the_best_within_the_limit(tmp_path):
+    from types import SimpleNamespace
+
+    def run(limit, best, steps=(100, 200, 300)):
+        folder = tmp_path / f"rot-{limit}-{best}"
+        for step in steps:
+            (folder / f"checkpoint-{step}").mkdir(parents=True)
+            (folder / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+        (folder / "checkpoint-400").mkdir()  # partial: never counted, never removed by rotation
+        fake = SimpleNamespace(
+            phi3v_config=SimpleNamespace(save_total_limit=limit),
+            state=SimpleNamespace(best_model_checkpoint=str(folder / f"checkpoint-{best}") if best else None),
+        )
+        Phi3VTrainer._rotate_complete_checkpoints(fake, folder)
+        return sorted(p.name for p in folder.iterdir())
+
+    assert run(1, 300) == ["checkpoint-300", "checkpoint-400"]
+    assert run(1, 100) == ["checkpoint-100", "checkpoint-300", "checkpoint-400"]
+    assert run(2, None) == ["checkpoint-200", "checkpoint-300", "checkpoint-400"]
+    assert run(3, 100) == ["checkpoint-100", "checkpoint-200", "checkpoint-300", "checkpoint-400"]
+
+
+def test_lora_on_bf16_weights_trains_fp32_copies(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    from phi3v.train import load_model_and_processor
+
+    config = _config(
+        tiny_model_dir,
+        tiny_dataset_dir,
+        tmp_path / "o",
+        model_dtype="bfloat16",
+        eval_strategy="no",
+        **{"lora.projector": True},
+    )
+    model, _ = load_model_and_processor(config, config.training_arguments())
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("img_projection" in n for n in trained)
+    assert set(trained.values()) == {torch.float32}, trained
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}

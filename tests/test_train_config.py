@@ -83,3 +83,20 @@ def test_missing_file_and_override_syntax(tmp_path):
         "c": "x y",
         "d": [1, 2],
     }
+
+
+def test_yaml_bool_and_text_traps(tmp_path):
+    path = _write(tmp_path, "model: m\ndata: d\noutput_dir: o\nwandb_log_model: false\n")
+    assert load_train_config(path).wandb_log_model == "false"  # YAML's False meant the choice "false"
+    config = load_train_config(
+        None, [*REQUIRED, "--prompt", "<|image_1|>What is #1 here?", "--answer_template", "Item: {title}"]
+    )
+    assert config.prompt == "<|image_1|>What is #1 here?"  # not cut at " #" as a YAML comment
+    assert load_train_config(None, [*REQUIRED, "--prompt", "<|image_1|>Describe: the item"]).prompt.endswith(
+        "Describe: the item"
+    )  # not read as a mapping
+    assert load_train_config(None, [*REQUIRED, "--fsdp", "true"]).training["fsdp"] is True  # wider than annotated
+    assert load_train_config(None, [*REQUIRED, "--fsdp", "[full_shard, auto_wrap]"]).training["fsdp"] == [
+        "full_shard",
+        "auto_wrap",
+    ]

@@ -53,6 +53,8 @@ def coerce_value(where: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and value not in choices and str(value).lower() in choices:
+            value = str(value).lower()  # YAML reads `false` as False: the text choice "false" was meant
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
         return value
@@ -148,9 +150,13 @@ def _fill(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {err}") from err
 
 
+# TrainingArguments fields whose annotation is narrower than what they accept (``fsdp: true``, ``fsdp: [full_shard]``)
+_WIDER_ANNOTATIONS: dict[str, Any] = {"fsdp": bool | str | list[str] | None}
+
+
 def check_passthrough(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     """``data`` with every key a field of dataclass ``cls`` and every value converted to its annotation."""
-    hints = typing.get_type_hints(cls)
+    hints = {**typing.get_type_hints(cls), **_WIDER_ANNOTATIONS}
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     out = {}
     for key, value in data.items():
@@ -176,9 +182,12 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
             else:
                 raw = "true"
         try:
-            out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            out[key.replace("-", "_")] = raw
+            value = raw
+        if isinstance(value, str | dict) and value != raw and not raw.lstrip().startswith(("{", "'", '"')):
+            value = raw  # plain text holding " #" or ": " (a prompt), not a YAML comment or mapping
+        out[key.replace("-", "_")] = value
         i += 1
     return out
 

@@ -41,11 +41,12 @@ class ParsedAnswer:
     title: str | None
     category: str | None
     price: float | None
+    fields: tuple[str, ...] = TEMPLATE_FIELDS  # the template's fields (a template may hold fewer than three)
 
     @property
     def ok(self) -> bool:
-        """True when every field parsed (the price as one positive number)."""
-        return self.title is not None and self.category is not None and self.price is not None
+        """True when every field of the template parsed (the price as one positive number)."""
+        return all(getattr(self, name) is not None for name in self.fields)
 
 
 class AnswerTemplate:
@@ -102,7 +103,7 @@ class AnswerTemplate:
         text = text.split("<|end|>", 1)[0]
         match = self._regex.match(text)
         if match is None:
-            return ParsedAnswer(None, None, None)
+            return ParsedAnswer(None, None, None, self.fields)
         groups = match.groupdict()
         title = groups.get("title")
         category = groups.get("category")
@@ -111,6 +112,7 @@ class AnswerTemplate:
             title.strip() if title is not None else None,
             category.strip() if category is not None else None,
             price,
+            self.fields,
         )
 
 

@@ -284,13 +284,13 @@ def _model_dtype(config: TrainConfig, args: TrainingArguments) -> torch.dtype:
     if config.model_dtype != "auto":
         return getattr(torch, config.model_dtype)
     if config.mode == "qlora" or (config.mode == "lora" and args.bf16):
-        return torch.bfloat16  # frozen base weights: half the memory; adapters stay fp32 (peft autocasts them)
+        return torch.bfloat16  # frozen base weights in bf16; every trained tensor is made fp32 (`_apply_lora`)
     return torch.float32  # trained weights: fp32 master copy, bf16 autocast when args.bf16
 
 
 def _quantize_lm_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Replace the LM decoder's linear layers by bitsandbytes NF4 ``Linear4bit`` (QLoRA); CLIP, projector,
-    embeddings and ``lm_head`` stay in ``compute_dtype``."""
+    """Replace the LM decoder's linear layers by bitsandbytes NF4 ``Linear4bit`` (QLoRA). The other weights load in
+    ``compute_dtype``; `prepare_model_for_kbit_training` (in `_apply_lora`) then upcasts them to float32."""
     import bitsandbytes as bnb
 
     for layer in model.model.layers:
@@ -331,7 +331,11 @@ def _apply_lora(model: nn.Module, config: TrainConfig, gradient_checkpointing: b
         modules_to_save=["img_projection"] if config.lora.projector else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora_config)
+    model = get_peft_model(model, lora_config)
+    for param in model.parameters():  # peft upcasts adapters, not modules_to_save copies: fp32 master weights
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def load_model_and_processor(config: TrainConfig, args: TrainingArguments) -> tuple[nn.Module, Any]:
@@ -467,8 +471,8 @@ class Phi3VTrainer(Trainer):
     """`transformers.Trainer` with phi3v's additions.
 
     - Per-component learning rates (CLIP tower / projector / LM), weight decay off for biases and norms.
-    - A NaN/inf loss on any rank stops the run (`NonFiniteLossError`) before the optimizer applies it; the last
-      complete checkpoint stays the latest.
+    - A NaN/inf loss on any rank stops the run (`NonFiniteLossError`) before the optimizer applies it (under
+      DeepSpeed, whose backward also steps, just after); the last complete checkpoint stays the latest.
     - Training logs gain ``padding_ratio`` (padded / real tokens: 1.0 means no padding), ``images_per_second`` and
       ``tokens_per_second`` (real tokens, all ranks, evaluation time excluded).
     - Each evaluation adds the generation check's metrics (``eval_gen_*``), writes its answers to
@@ -556,7 +560,7 @@ class Phi3VTrainer(Trainer):
             last = latest_checkpoint(self.args.output_dir)
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at step {self.state.global_step + 1} "
-                f"(epoch {self.state.epoch or 0:.2f}); stopped before the optimizer applied it. "
+                f"(epoch {self.state.epoch or 0:.2f}); the run stopped. "
                 + (
                     f"The last good checkpoint is {last}: lower the learning rate and --resume, or restart."
                     if last is not None
@@ -674,10 +678,12 @@ class Phi3VTrainer(Trainer):
         if limit is None:
             return
         complete = _complete_checkpoints(run_dir)
+        if not complete:
+            return
         best = Path(self.state.best_model_checkpoint).resolve() if self.state.best_model_checkpoint else None
-        removable = [p for p in complete if p.resolve() != best]
-        keep = limit - (1 if best is not None and best.exists() else 0)
-        for path in removable[: max(0, len(removable) - max(keep, 1))]:
+        protected = {complete[-1].resolve()} | ({best} if best is not None and best.exists() else set())
+        excess = len(complete) - max(limit, len(protected))  # the newest and the best always stay
+        for path in [p for p in complete if p.resolve() not in protected][: max(0, excess)]:
             logger.info("removing old checkpoint %s (save_total_limit=%d)", path, limit)
             shutil.rmtree(path, ignore_errors=True)
 
