@@ -120,6 +120,16 @@ def _fold(text: str | None) -> str:
     return " ".join((text or "").casefold().split())
 
 
+def price_ape(predicted: float | None, true: float) -> float | None:
+    """Absolute percentage error ``|predicted - true| / true`` of one price; None when no price was read."""
+    return None if predicted is None else abs(predicted - true) / true
+
+
+def category_matches(predicted: str | None, true: str) -> bool:
+    """Exact category match after case and whitespace folding (False when no category was read)."""
+    return predicted is not None and _fold(predicted) == _fold(true)
+
+
 def score_answers(predictions: Sequence[ParsedAnswer], truths: Sequence[Mapping[str, object]]) -> dict[str, float]:
     """Scores of parsed answers against catalog rows (see the module docstring for each one).
 
@@ -142,11 +152,10 @@ def score_answers(predictions: Sequence[ParsedAnswer], truths: Sequence[Mapping[
     abs_errors: list[float] = []
     for pred, truth in zip(predictions, truths, strict=True):
         true_price = float(truth["price"])  # type: ignore[arg-type]
-        if pred.price is None:
-            ape.append(1.0)
-        else:
+        error = price_ape(pred.price, true_price)
+        ape.append(1.0 if error is None else error)  # an unread price counts as 100 % off
+        if pred.price is not None:
             abs_errors.append(abs(pred.price - true_price))
-            ape.append(abs(pred.price - true_price) / true_price)
     n = len(predictions)
     return {
         "parse_rate": sum(p.ok for p in predictions) / n,
@@ -154,8 +163,7 @@ def score_answers(predictions: Sequence[ParsedAnswer], truths: Sequence[Mapping[
         "price_ape_mean": sum(ape) / n,
         "price_mae": sum(abs_errors) / len(abs_errors) if abs_errors else math.nan,
         "category_accuracy": sum(
-            p.category is not None and _fold(p.category) == _fold(str(t["category"]))
-            for p, t in zip(predictions, truths, strict=True)
+            category_matches(p.category, str(t["category"])) for p, t in zip(predictions, truths, strict=True)
         )
         / n,
         "title_similarity": sum(

@@ -48,7 +48,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from phi3v.config import ConfigError, config_to_dict, load_config
 from phi3v.data.collate import EVAL_SPLIT, TRAIN_SPLIT, Phi3VCollator, load_prepared_dataset, sequence_lengths
-from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, DEFAULT_PROMPT, AnswerTemplate, score_answers
+from phi3v.metrics import (
+    DEFAULT_ANSWER_TEMPLATE,
+    DEFAULT_PROMPT,
+    AnswerTemplate,
+    category_matches,
+    price_ape,
+    score_answers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +203,7 @@ class TrainConfig:
             options.pop("eval_steps", None)
         try:
             return TrainingArguments(**options)
-        except ImportError as err:  # e.g. --deepspeed without the deepspeed package
-            raise ConfigError(f"training: {err}") from err
-        except (TypeError, ValueError) as err:
+        except (ImportError, TypeError, ValueError) as err:  # ImportError: e.g. --deepspeed without deepspeed
             raise ConfigError(f"training: {err}") from err
 
 
@@ -377,8 +382,6 @@ def parameter_digest(model: nn.Module) -> str | None:
     """SHA-256 over every parameter's bytes (None when parameters are sharded, e.g. FSDP)."""
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
-        if type(param.data) is not torch.Tensor and not isinstance(param.data, torch.Tensor):
-            return None
         if param.data.__class__.__name__ == "DTensor":
             return None
         digest.update(name.encode())
@@ -458,6 +461,8 @@ class GenerationCheck:
                 parsed_category=pred.category,
                 parsed_price=pred.price,
                 true_price=float(truth["price"]),
+                price_ape=price_ape(pred.price, float(truth["price"])),
+                category_ok=category_matches(pred.category, str(truth["category"])),
             )
         return metrics, records
 
@@ -634,14 +639,14 @@ class Phi3VTrainer(Trainer):
         for record in records:
             image = self.generation_check.rows[record["index"]]["image"].copy()
             image.thumbnail((256, 256))
-            truth_row = self.generation_check.rows[record["index"]]
-            price_ape = (
-                abs(record["parsed_price"] - record["true_price"]) / record["true_price"]
-                if record["parsed_price"] is not None
-                else None
+            table.add_data(
+                step,
+                wandb.Image(image),
+                record["truth"],
+                record["prediction"],
+                record["price_ape"],
+                record["category_ok"],
             )
-            category_ok = (record["parsed_category"] or "").casefold() == str(truth_row["category"]).casefold()
-            table.add_data(step, wandb.Image(image), record["truth"], record["prediction"], price_ape, category_ok)
         wandb.log({"eval/generations": table, "train/global_step": step})
 
     # ---- checkpoints

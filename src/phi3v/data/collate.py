@@ -129,8 +129,9 @@ def sequence_lengths(dataset: Any, processor: Any, prompt: str, answer_template:
     head_length = len(processor.tokenizer(head)["input_ids"])
     tail_lengths = [len(ids) for ids in processor.tokenizer(tails)["input_ids"]]
     lengths = []
-    for image_value, tail_length in zip(undecoded["image"], tail_lengths, strict=True):
-        width, height = image_size_of(image_value)
+    # row by row: a whole column of image bytes would sit in memory at once
+    for row, tail_length in zip(undecoded.select_columns(["image"]), tail_lengths, strict=True):
+        width, height = image_size_of(row["image"])
         lengths.append(head_length + processor.image_processor.num_image_tokens_for_size(width, height) + tail_length)
     return lengths
 
