@@ -24,30 +24,20 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from train_helpers import tiny_config_args
-from wandb_reader import read_config, read_history, read_records, read_tables, wandb_file
+from wandb_reader import (
+    TRACKING_ENV,
+    isolate_tracking_env,
+    read_config,
+    read_history,
+    read_records,
+    read_tables,
+    wandb_file,
+)
 
 REPORT_TO = ["wandb", "tensorboard"]
 MAX_STEPS, EVAL_STEPS, EVAL_SAMPLES, BATCH = 4, 2, 2, 4
 EVAL_PAUSE = 1.5  # seconds the first evaluation is held (`RunProbe`)
 TABLE_COLUMNS = ["step", "image", "truth", "prediction", "price_ape", "category_ok"]
-# the variables phi3v's `_setup_tracking` may set, plus what would let wandb find a key or a mode elsewhere
-TRACKING_ENV = (
-    "WANDB_API_KEY",
-    "WANDB_MODE",
-    "WANDB_DIR",
-    "WANDB_DATA_DIR",
-    "WANDB_CACHE_DIR",
-    "WANDB_CONFIG_DIR",
-    "WANDB_PROJECT",
-    "WANDB_LOG_MODEL",
-    "WANDB_DISABLED",
-    "WANDB_RUN_ID",
-    "WANDB_RESUME",
-    "WANDB_ENTITY",
-    "WANDB_BASE_URL",
-    "NETRC",
-    "TENSORBOARD_LOGGING_DIR",
-)
 
 
 @dataclass
@@ -69,19 +59,6 @@ class TrackedRun:
         """The offline W&B run folder named by the summary."""
         assert self.summary.wandb_offline_run, "train() returned no offline W&B run"
         return Path(self.summary.wandb_offline_run)
-
-
-def _isolate_tracking_env(mp: pytest.MonkeyPatch, home: Path) -> None:
-    """Unset every tracking variable (and any other ``WANDB_*``) and point HOME at an empty folder.
-
-    Each variable is set before it is deleted so that the monkeypatch records it: on undo, whatever `train`
-    later put into `os.environ` (it uses ``setdefault``) is removed again, even for variables absent at first.
-    """
-    for name in {*TRACKING_ENV, *(key for key in os.environ if key.startswith("WANDB_"))}:
-        mp.setenv(name, "")
-        mp.delenv(name)
-    home.mkdir(parents=True, exist_ok=True)
-    mp.setenv("HOME", str(home))
 
 
 def _tracking_env() -> dict[str, str | None]:
@@ -126,7 +103,7 @@ def tracked_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("tracking")
     out = base / "run"
     with pytest.MonkeyPatch.context() as mp:
-        _isolate_tracking_env(mp, base / "home")
+        isolate_tracking_env(mp, base / "home")
         args = tiny_config_args(
             tiny_model_dir,
             tiny_dataset_dir,
@@ -149,8 +126,12 @@ def _by_step(entries: list[dict[str, Any]], key: str, step_key: str = "step") ->
 
 
 def _approx_pairs(pairs: list[tuple[int, float]], rel: float = 1e-6) -> list[tuple[int, Any]]:
-    """``pairs`` with approximate values (TensorBoard stores float32; W&B may round)."""
-    return [(step, pytest.approx(value, rel=rel, abs=1e-12)) for step, value in pairs]
+    """``pairs`` with approximate values (TensorBoard stores float32; W&B may round). A None (log_history.jsonl's
+    NaN, e.g. a median price error with no parsed price) expects NaN."""
+    return [
+        (step, pytest.approx(math.nan if value is None else value, rel=rel, abs=1e-12, nan_ok=True))
+        for step, value in pairs
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------- W&B

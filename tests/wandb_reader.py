@@ -10,10 +10,13 @@ are protobuf `wandb.proto.wandb_internal_pb2.Record` messages.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 FILE_HEADER = struct.Struct("<4sHB")
 FILE_IDENT, FILE_MAGIC, FILE_VERSION = b":W&B", 0xBEE1, 0
@@ -182,3 +185,37 @@ def read_tables(run_dir: str | Path, key: str) -> list[dict[str, Any]]:
         table = json.loads(table_file.read_text(encoding="utf-8"))
         tables.append({"columns": table["columns"], "data": table["data"], "files": artifact["files"]})
     return tables
+
+
+# ------------------------------------------------------------------------------------------------ isolation
+# the variables `phi3v.tracking` may set, plus what would let wandb find a key or a mode elsewhere
+TRACKING_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_DATA_DIR",
+    "WANDB_CACHE_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_PROJECT",
+    "WANDB_LOG_MODEL",
+    "WANDB_DISABLED",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+    "WANDB_ENTITY",
+    "WANDB_BASE_URL",
+    "NETRC",
+    "TENSORBOARD_LOGGING_DIR",
+)
+
+
+def isolate_tracking_env(mp: pytest.MonkeyPatch, home: Path) -> None:
+    """Unset every tracking variable (and any other ``WANDB_*``) and point HOME at an empty folder.
+
+    Each variable is set before it is deleted so that the monkeypatch records it: on undo, whatever `train`
+    later put into `os.environ` (phi3v uses ``setdefault``) is removed again, even for variables absent at first.
+    """
+    for name in {*TRACKING_ENV, *(key for key in os.environ if key.startswith("WANDB_"))}:
+        mp.setenv(name, "")
+        mp.delenv(name)
+    home.mkdir(parents=True, exist_ok=True)
+    mp.setenv("HOME", str(home))

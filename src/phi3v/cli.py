@@ -6,10 +6,11 @@
     phi3v tokens WIDTH HEIGHT [--num-crops N]  crop grid and token count of an image of that size
     phi3v init-model OUT [--config tiny]       a random-weight model folder (offline stand-in for a hub checkpoint)
     phi3v train --config FILE [--resume] [--key value ...]   fine-tune (LoRA / QLoRA / full / frozen vision)
+    phi3v evaluate --model MODEL --data DIR --out DIR   generated answers scored against baselines + a report
 
 MODEL is a folder, a hub id (e.g. microsoft/Phi-3.5-vision-instruct) or a named config (`tiny`,
 `phi-3-vision-128k-instruct`, `phi-3.5-vision-instruct`). Heavy imports happen inside the commands, so `phi3v --help`
-answers at once. The other pipeline commands (evaluate, predict, serve, export) join this file as they land.
+answers at once. The other pipeline commands (predict, serve, export) join this file as they land.
 """
 
 from __future__ import annotations
@@ -161,6 +162,54 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import logging
+
+    from phi3v.data.collate import DatasetError
+    from phi3v.evaluate import EvaluateOptions, EvaluationError, evaluate
+    from phi3v.inference import ModelLoadError
+    from phi3v.report import verdicts
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = EvaluateOptions(
+            model=args.model,
+            data=args.data,
+            out=args.out,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            constrained=args.constrained,
+            ablation=not args.no_ablation,
+            limit=args.limit,
+            device=args.device,
+            dtype=args.dtype,
+            num_crops=args.num_crops,
+            base_model=args.base_model,
+            prompt=args.prompt,
+            answer_template=args.answer_template,
+            report_to=args.report_to,
+            wandb_project=args.wandb_project,
+            progress=not args.quiet,
+        )
+        result = evaluate(options)
+    except (DatasetError, EvaluationError, ModelLoadError) as err:
+        print(f"phi3v evaluate: {err}", file=sys.stderr)
+        return 1
+    counts = result.results["counts"]
+    print(
+        f"scored {counts['scored']} of {counts['rows']} rows of {args.split!r} "
+        f"({counts['image_failures']} image failures, {counts['parse_failures']} answers not parsed)"
+    )
+    for sentence in verdicts(result.results):
+        print(f"- {sentence}")
+    for name in ("html", "markdown", "metrics", "predictions"):
+        print(f"{name:12} {result.files[name]}")
+    if result.wandb_offline_run:
+        print(f"W&B run logged offline; upload it with: wandb sync {result.wandb_offline_run}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3v", description="Fine-tune Phi-3-Vision to read product photos.")
     parser.add_argument("--version", action="version", version=f"phi3v {__version__}")
@@ -221,6 +270,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="YAML config (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     train.set_defaults(func=cmd_train, takes_overrides=True)
+    ev = commands.add_parser(
+        "evaluate",
+        help="score generated answers against baselines, with an image ablation and a report",
+        description="Generate answers for a prepared split, score price / category / title against baselines and "
+        "against the same model on blank images, and write metrics.json, predictions.jsonl, report.md and "
+        "report.html.",
+    )
+    ev.add_argument("--model", required=True, help="training output, checkpoint, exported or base model, or hub id")
+    ev.add_argument("--data", required=True, help="phi3v prepare output folder")
+    ev.add_argument("--out", required=True, help="folder for the metrics, predictions and report")
+    ev.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=16, help="images per generate call (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="answer length bound (default: %(default)s)")
+    ev.add_argument(
+        "--constrained",
+        action="store_true",
+        help="decode within the template's grammar (training categories, numeric price); free answers shown too",
+    )
+    ev.add_argument("--no-ablation", action="store_true", help="skip the blank-image run")
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N rows of the split")
+    ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when present)")
+    ev.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    ev.add_argument("--num-crops", type=int, default=None, help="override the processor's crops per image")
+    ev.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    ev.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
+    ev.add_argument("--answer-template", default=None, help="default: the template the model was trained with")
+    ev.add_argument("--report-to", default="none", choices=["none", "wandb"], help="default: %(default)s")
+    ev.add_argument("--wandb-project", default="phi3v", help="default: %(default)s")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -48,14 +48,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from phi3v.config import ConfigError, config_to_dict, load_config
 from phi3v.data.collate import EVAL_SPLIT, TRAIN_SPLIT, Phi3VCollator, load_prepared_dataset, sequence_lengths
-from phi3v.metrics import (
-    DEFAULT_ANSWER_TEMPLATE,
-    DEFAULT_PROMPT,
-    AnswerTemplate,
-    category_matches,
-    price_ape,
-    score_answers,
-)
+from phi3v.generation import generate_answers
+from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, DEFAULT_PROMPT, AnswerTemplate, sample_scores, score_predictions
+from phi3v.tracking import finish_wandb, restore_env, setup_wandb_env, snapshot_env
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +332,9 @@ def _apply_lora(model: nn.Module, config: TrainConfig, gradient_checkpointing: b
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_config)
+    # the adapter names its base (a folder as an absolute path), so `phi3v evaluate` / `predict` find it
+    base = Path(config.model)
+    model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else config.model
     for param in model.parameters():  # peft upcasts adapters, not modules_to_save copies: fp32 master weights
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -391,11 +389,24 @@ def parameter_digest(model: nn.Module) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ generation check
 class GenerationCheck:
-    """Greedy answers on a fixed validation subset, parsed and scored like `phi3v evaluate` does.
+    """Greedy answers on a fixed validation subset, generated, parsed and scored as `phi3v evaluate` does
+    (`phi3v.generation.generate_answers`, `phi3v.metrics.score_predictions`).
 
     The subset is the same at every evaluation (first ``n`` rows of a seed-0 shuffle). Under several processes
     each rank answers its share (``synced_gpus``, so sharded models stay in step) and rank 0 gathers them.
     """
+
+    # The scores logged as ``eval_gen_*`` (the evaluation report has them all)
+    LOGGED = (
+        "parse_rate",
+        "price_ape_median",
+        "price_mape",
+        "price_within_25",
+        "category_accuracy",
+        "category_macro_f1",
+        "title_similarity",
+        "title_exact_match",
+    )
 
     def __init__(self, dataset: Any, n: int, prompt: str, answer_template: AnswerTemplate, max_new_tokens: int):
         order = list(range(len(dataset)))
@@ -405,66 +416,52 @@ class GenerationCheck:
         self.template = answer_template
         self.max_new_tokens = max_new_tokens
 
-    @torch.no_grad()
-    def run(self, model: nn.Module, processor: Any, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
-        """Records of ``index``, ``truth``, ``prediction`` and the parsed fields for this rank's share."""
+    def run(self, model: nn.Module, processor: Any, batch_size: int) -> list[dict[str, Any]]:
+        """Records of ``index`` and ``prediction`` for this rank's share."""
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         share = list(range(rank, len(self.rows), world))
         per_rank = math.ceil(len(self.rows) / world)
-        padded = share + [share[0] if share else 0] * (per_rank - len(share))  # equal calls on every rank
-        end_ids = [i for i in (processor.end_token_id, processor.tokenizer.eos_token_id) if i is not None]
-        was_training = model.training
-        model.eval()
-        records: list[dict[str, Any]] = []
-        try:
-            for start in range(0, len(padded), batch_size):
-                indices = padded[start : start + batch_size]
-                batch = processor(
-                    [self.prompt] * len(indices),
-                    images=[self.rows[i]["image"] for i in indices],
-                    padding_side="left",
-                    return_tensors="pt",
-                ).to(device)
-                output = model.generate(
-                    **batch,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=end_ids,
-                    pad_token_id=processor.pad_token_id,
-                    use_cache=True,
-                    synced_gpus=distributed,
-                )
-                answers = processor.tokenizer.batch_decode(
-                    output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-                )
-                for position, (i, answer) in enumerate(zip(indices, answers, strict=True)):
-                    if start + position >= len(share):
-                        continue  # padding for lock-step generation
-                    records.append({"index": i, "prediction": answer.strip()})
-        finally:
-            model.train(was_training)
-        return records
+        # equal generate calls on every rank: pad the share with its first row, answered once more and dropped
+        positions = list(range(per_rank))
+        index_of = [share[p] if p < len(share) else (share[0] if share else 0) for p in positions]
+        generation = generate_answers(
+            model,
+            processor,
+            self.prompt,
+            positions,
+            lambda p: self.rows[index_of[p]]["image"],
+            sizes=None,  # keep the padded positions in the same batches on every rank
+            batch_size=batch_size,
+            max_new_tokens=self.max_new_tokens,
+            synced_gpus=distributed,
+        )
+        return [
+            {"index": index_of[p], "prediction": generation.answers.get(p, "")} for p in positions if p < len(share)
+        ]
 
     def score(self, records: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Metrics over all records and the records completed with truth and parsed fields, in subset order."""
+        """The logged scores over all records and the records completed with truth and parsed fields, in subset
+        order."""
         records = sorted(records, key=lambda r: r["index"])
         parsed = [self.template.parse(r["prediction"]) for r in records]
         truths = [self.rows[r["index"]] for r in records]
-        metrics = score_answers(parsed, truths)
+        scores = score_predictions(parsed, truths)
         for record, pred, truth in zip(records, parsed, truths, strict=True):
+            per_sample = sample_scores(pred, truth)
             record.update(
                 truth=self.template.format(truth),
                 parsed_title=pred.title,
                 parsed_category=pred.category,
                 parsed_price=pred.price,
                 true_price=float(truth["price"]),
-                price_ape=price_ape(pred.price, float(truth["price"])),
-                category_ok=category_matches(pred.category, str(truth["category"])),
+                price_ape=per_sample["price_ape"],
+                category_ok=per_sample["category_ok"],
+                title_similarity=per_sample["title_similarity"],
             )
-        return metrics, records
+        return {key: scores[key] for key in self.LOGGED if key in scores}, records
 
 
 # ------------------------------------------------------------------------------------------------------- trainer
@@ -606,9 +603,7 @@ class Phi3VTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self.generation_check is None or not self.generation_check.rows:
             return output
-        records = self.generation_check.run(
-            self.model, self.processing_class, self.args.per_device_eval_batch_size, self.args.device
-        )
+        records = self.generation_check.run(self.model, self.processing_class, self.args.per_device_eval_batch_size)
         if self.args.world_size > 1:
             import torch.distributed as dist
 
@@ -705,73 +700,17 @@ def _write_failure(err: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- tracking
-# The environment variables `_setup_tracking` may set (put back by `_restore_env` when the run ends)
-_TRACKING_ENV = (
-    "TENSORBOARD_LOGGING_DIR",
-    "WANDB_PROJECT",
-    "WANDB_LOG_MODEL",
-    "WANDB_DIR",
-    "WANDB_DATA_DIR",
-    "WANDB_CACHE_DIR",
-    "WANDB_CONFIG_DIR",
-    "WANDB_MODE",
-)
-
-
 def _setup_tracking(config: TrainConfig, args: TrainingArguments) -> dict[str, str | None]:
-    """Point W&B and TensorBoard into the run folder; W&B goes offline when no API key is available.
-
-    Returns the previous values of the variables it may set, for `_restore_env`: without it, the next `train` in
-    this process would keep this run's folders (``setdefault``) and its offline mode.
-    """
-    previous = {name: os.environ.get(name) for name in _TRACKING_ENV}
+    """Point W&B and TensorBoard into the run folder (`phi3v.tracking`); return the environment to restore."""
+    previous = snapshot_env()
     output_dir = Path(config.output_dir).resolve()
     report_to = args.report_to or []
     if "tensorboard" in report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "tensorboard"))
     if "wandb" in report_to:
-        os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
         os.environ["WANDB_LOG_MODEL"] = config.wandb_log_model
-        os.environ.setdefault("WANDB_DIR", str(output_dir))
-        for name, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
-            os.environ.setdefault(name, str(output_dir / "wandb" / sub))
-        if not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
-            if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-                logger.warning("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline into %s", output_dir)
-            os.environ.setdefault("WANDB_MODE", "offline")
+        setup_wandb_env(output_dir, config.wandb_project)
     return previous
-
-
-def _restore_env(previous: dict[str, str | None]) -> None:
-    """Put the environment variables back as they were before `_setup_tracking`."""
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def _wandb_logged_in() -> bool:
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text(encoding="utf-8")
-    except OSError:
-        return False
-
-
-def _finish_wandb() -> str | None:
-    """Close the W&B run; return its folder when it ran offline (to ``wandb sync`` later)."""
-    try:
-        import wandb
-    except ImportError:
-        return None
-    if wandb.run is None:
-        return None
-    offline = bool(getattr(wandb.run.settings, "_offline", False)) or os.environ.get("WANDB_MODE") == "offline"
-    run_dir = str(Path(wandb.run.dir).parent)
-    wandb.finish()
-    wandb.teardown()  # wandb reads WANDB_* once per session: the next run in this process must start a new one
-    return run_dir if offline else None
 
 
 class _WandbConfigCallback(TrainerCallback):
@@ -903,8 +842,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
         except Exception as err:
             raise TrainingError(f"saving the final model to {output_dir} failed ({_write_failure(err)})") from err
     finally:
-        wandb_run = _finish_wandb()
-        _restore_env(previous_env)  # a later run in this process (notebook, sweep) gets its own folders
+        wandb_run = finish_wandb()
+        restore_env(previous_env)  # a later run in this process (notebook, sweep) gets its own folders
 
     digest = parameter_digest(trainer.model)
     digests: list[str | None] = [digest]

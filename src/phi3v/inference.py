@@ -1,0 +1,151 @@
+"""Load a Phi-3-V model for answering: what `phi3v evaluate` (and `phi3v predict`) accept as ``--model``.
+
+- A `phi3v train` output or one of its ``checkpoint-N`` folders holding a LoRA adapter (``adapter_config.json``):
+  the base model named in the adapter (or ``--base-model``) is loaded and the adapter merged into it.
+- A folder with full weights (``config.json`` + safetensors): a full / frozen-vision training output, a checkpoint, an
+  exported model, or a base model (zero-shot).
+- A hub id such as ``microsoft/Phi-3.5-vision-instruct`` (zero-shot); offline, that fails at once with the reason.
+
+The processor comes from the same folder when it holds one (training outputs and checkpoints do), else from the base
+model. A training run's ``train_config.yaml`` (next to the weights, or one folder up for a checkpoint) gives the
+prompt and answer template the model learned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer.model")
+TRAIN_CONFIG_NAME = "train_config.yaml"
+
+
+class ModelLoadError(ValueError):
+    """A ``--model`` that cannot be loaded; the message says what was found and what is expected."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for `generate`, its processor and where it came from.
+
+    Attributes:
+        model: `Phi3VForCausalLM` in eval mode (adapters merged).
+        processor: Its `Phi3VProcessor`.
+        kind: ``adapter`` (LoRA merged into its base), ``full`` (trained full weights) or ``base`` (zero-shot).
+        source: The ``--model`` argument.
+        base: The base model of an adapter (None otherwise).
+        train_config: The training run's resolved config (None when the folder is not a training output).
+        device: Where the weights are.
+        dtype: Their dtype.
+    """
+
+    model: nn.Module
+    processor: Any
+    kind: Literal["adapter", "full", "base"]
+    source: str
+    base: str | None
+    train_config: dict[str, Any] | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else the first CUDA GPU when there is one, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, else float32; or a name (``bfloat16``, ``float16``,
+    ``float32``)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ModelLoadError(f"dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def read_train_config(folder: Path) -> dict[str, Any] | None:
+    """The ``train_config.yaml`` of a training output (or of the run holding a checkpoint folder)."""
+    for candidate in (folder / TRAIN_CONFIG_NAME, folder.parent / TRAIN_CONFIG_NAME):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+    return None
+
+
+def _adapter_base(folder: Path, train_config: dict[str, Any] | None) -> str:
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path") or (train_config or {}).get("model")
+    if not base:
+        raise ModelLoadError(f"{folder}: the adapter does not name its base model; pass --base-model")
+    return str(base)
+
+
+def load_for_inference(
+    model: str,
+    *,
+    base_model: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    num_crops: int | None = None,
+) -> LoadedModel:
+    """Load ``model`` (see the module docstring for what it may be) for generation.
+
+    Args:
+        model: A training output, checkpoint, exported or base model folder, or a hub id.
+        base_model: The base of a LoRA adapter, overriding the one the adapter names (e.g. the run moved machines).
+        device: ``cuda``, ``cuda:1``, ``cpu``...; default: a GPU when present.
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+        num_crops: Override the processor's crops per image (4 for Phi-3.5-V, 16 for Phi-3-V).
+
+    Raises:
+        ModelLoadError: A folder that holds neither an adapter nor a model, or an adapter without a known base.
+        FileNotFoundError / OSError: A path that does not exist, or a hub id that cannot be fetched (offline).
+    """
+    from phi3v.model.hub import resolve_model_folder
+    from phi3v.model.modeling import Phi3VForCausalLM
+    from phi3v.model.processing import Phi3VProcessor
+
+    target = pick_device(device)
+    weights_dtype = pick_dtype(dtype, target)
+    path = Path(model)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        train_config = read_train_config(path)
+        base = base_model or _adapter_base(path, train_config)
+        logger.info("loading base model %s for the adapter in %s", base, path)
+        network = Phi3VForCausalLM.from_pretrained(base, dtype=weights_dtype, device=target)
+        network = PeftModel.from_pretrained(network, str(path)).merge_and_unload()
+        kind: Literal["adapter", "full", "base"] = "adapter"
+        has_processor = any((path / name).is_file() for name in PROCESSOR_FILES)
+        processor_folder = path if has_processor else resolve_model_folder(base)
+    else:
+        folder = resolve_model_folder(model)
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"{model}: not a model folder (no config.json, no adapter_config.json); expected a phi3v train output, "
+                "a checkpoint-N folder, an exported model or a base model such as microsoft/Phi-3.5-vision-instruct"
+            )
+        train_config = read_train_config(folder)
+        base = None
+        network = Phi3VForCausalLM.from_pretrained(folder, dtype=weights_dtype, device=target)
+        kind = "full" if train_config is not None else "base"
+        processor_folder = folder
+    options = {"num_crops": num_crops} if num_crops is not None else {}
+    processor = Phi3VProcessor.from_pretrained(processor_folder, **options)
+    network.eval()
+    network.config.use_cache = True
+    return LoadedModel(network, processor, kind, model, base, train_config, target, weights_dtype)

@@ -1,0 +1,196 @@
+"""`phi3v evaluate` on the tiny models: what a garbage model, bad folders, broken images, a LoRA adapter and W&B
+tracking get. The run on a model that learned (beats the baselines, worse on blank images) is in
+test_evaluate_learned.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import datasets
+import pytest
+
+from phi3v.cli import main
+from phi3v.evaluate import EvaluateOptions, evaluate, image_gains
+from train_helpers import tiny_config_args
+from wandb_reader import isolate_tracking_env, read_summary, read_tables
+
+
+def _options(model: Path, data: Path, out: Path, **overrides) -> EvaluateOptions:
+    base = {"split": "test", "batch_size": 4, "max_new_tokens": 12, "progress": False}
+    return EvaluateOptions(model=str(model), data=str(data), out=str(out), **{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ garbage model
+@pytest.fixture(scope="module")
+def garbage_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
+    """The random tiny model: no answer follows the template."""
+    return evaluate(_options(tiny_model_dir, tiny_dataset_dir, tmp_path_factory.mktemp("garbage")))
+
+
+def test_a_garbage_model_gets_a_report_that_says_so(garbage_run):
+    results, out = garbage_run.results, Path(garbage_run.files["html"]).parent
+    assert results["model_kind"] == "base"
+    assert results["metrics"]["parse_rate"] == 0 and results["counts"]["parse_failures"] == results["counts"]["rows"]
+    assert math.isnan(results["metrics"]["price_ape_median"]), "parse failures are not priced (never as 0)"
+    assert results["metrics"]["price_n"] == 0 and results["metrics"]["category_accuracy"] == 0
+    saved = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN became null
+    assert saved["metrics"]["price_ape_median"] is None
+    html = (out / "report.html").read_text()
+    markdown = (out / "report.md").read_text()
+    for text in (html, markdown):
+        assert "No answer followed the answer template" in text
+    assert html.count("data:image/png;base64,") >= 4
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == results["counts"]["rows"]
+    first = json.loads(lines[0])
+    assert first["parse_ok"] is False and first["missing"] == ["title", "category", "price"] and first["raw"]
+
+
+def test_baselines_are_scored_on_the_same_rows(garbage_run, tiny_dataset_dir):
+    baselines = garbage_run.results["baselines"]
+    train = datasets.load_from_disk(str(tiny_dataset_dir / "dataset" / "train"))
+    test = datasets.load_from_disk(str(tiny_dataset_dir / "dataset" / "test"))
+    assert set(baselines) == {
+        "global_median_price",
+        "category_median_price",
+        "majority_category",
+        "most_frequent_title",
+    }
+    assert all(b["metrics"]["n"] == len(test) for b in baselines.values())
+    median = statistics.median(train["price"])
+    expected = statistics.median(abs(median - price) / price for price in test["price"])
+    assert baselines["global_median_price"]["metrics"]["price_ape_median"] == pytest.approx(expected)
+    assert set(baselines["majority_category"]["metrics"]) >= {"category_accuracy", "category_macro_f1"}
+    assert "price_mape" not in baselines["majority_category"]["metrics"]
+
+
+def test_image_gains_and_the_use_decision():
+    real = {"category_accuracy": 0.8, "title_similarity": 0.9, "price_ape_median": 0.05}
+    blank = {"category_accuracy": 0.2, "title_similarity": 0.5, "price_ape_median": 0.6}
+    assert image_gains(real, blank) == pytest.approx(
+        {"category_accuracy": 0.6, "title_similarity": 0.4, "price_ape_median": 0.55}
+    )
+    assert image_gains(real, {**blank, "price_ape_median": math.nan}).keys() == {
+        "category_accuracy",
+        "title_similarity",
+    }
+    assert image_gains(real, real) == {"category_accuracy": 0.0, "title_similarity": 0.0, "price_ape_median": 0.0}
+
+
+def test_constrained_decoding_turns_garbage_into_parsable_answers(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    result = evaluate(
+        _options(tiny_model_dir, tiny_dataset_dir, tmp_path, constrained=True, ablation=False, max_new_tokens=120)
+    )
+    results = result.results
+    assert results["metrics"]["parse_rate"] == 1.0
+    assert results["constrained"]["free"]["parse_rate"] == 0.0
+    assert results["constrained"]["constrained"] == results["metrics"]
+    train_categories = set(datasets.load_from_disk(str(tiny_dataset_dir / "dataset" / "train"))["category"])
+    for record in result.records:
+        assert record["parsed"]["category"] in train_categories and record["parsed"]["price"] > 0
+        assert record["free_raw"] is not None and record["blank_raw"] is None
+    assert results["ablation"] is None
+    assert "constrained" in (tmp_path / "report.md").read_text().lower()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_unknown_model_and_missing_or_empty_split(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    args = ["evaluate", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*args, "--model", str(tmp_path / "no-such-model")]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+    not_a_model = tmp_path / "empty-folder"
+    not_a_model.mkdir()
+    assert main([*args, "--model", str(not_a_model)]) == 1
+    err = capsys.readouterr().err
+    assert "not a model folder" in err and "empty-folder" in err
+    assert main([*args, "--model", str(tiny_model_dir), "--split", "holdout"]) == 1
+    err = capsys.readouterr().err
+    assert "'holdout'" in err and "test" in err  # names the missing split and the ones there are
+
+    data = tmp_path / "empty-test"
+    shutil.copytree(tiny_dataset_dir, data)
+    test = datasets.load_from_disk(str(data / "dataset" / "test"))
+    test.select([]).save_to_disk(str(data / "empty"))
+    shutil.rmtree(data / "dataset" / "test")
+    shutil.move(str(data / "empty"), str(data / "dataset" / "test"))
+    assert main([*args[:1], "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
+    assert "'test' is empty" in capsys.readouterr().err
+
+
+def _break_images(data: Path) -> tuple[int, int]:
+    """Truncate one test image (its header reads, its pixels do not: fails mid-run) and replace another by text
+    (fails at the header). Returns their row indices."""
+    split_dir = data / "dataset" / "test"
+    test = datasets.load_from_disk(str(split_dir)).cast_column("image", datasets.Image(decode=False))
+    truncated, garbage = 1, 3
+
+    def damage(row, index):
+        if index == truncated:
+            data = row["image"]["bytes"]
+            row["image"] = {"bytes": data[: len(data) // 2], "path": row["image"]["path"]}
+        elif index == garbage:
+            row["image"] = {"bytes": b"<html>not an image</html>", "path": row["image"]["path"]}
+        return row
+
+    broken = test.map(damage, with_indices=True).cast_column("image", datasets.Image())
+    broken.save_to_disk(str(data / "test-broken"))
+    shutil.rmtree(split_dir)
+    shutil.move(str(data / "test-broken"), str(split_dir))
+    return truncated, garbage
+
+
+def test_images_that_fail_are_counted_and_the_run_goes_on(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    truncated, garbage = _break_images(data)
+    result = evaluate(_options(tiny_model_dir, data, tmp_path / "out", max_new_tokens=4))
+    counts = result.results["counts"]
+    assert counts["image_failures"] == 2 and counts["rows"] == counts["scored"] + counts["image_failures"]
+    failed = {f["index"]: f["error"] for f in result.results["image_failures"]}
+    assert set(failed) == {truncated, garbage}
+    assert "header" in failed[garbage] and "header" not in failed[truncated]
+    for record in result.records:
+        if record["index"] in failed:
+            assert record["error"].startswith("image failed to load") and record["raw"] is None
+        else:
+            assert record["error"] is None and record["raw"] is not None
+    assert result.results["ablation"]["metrics"]["n"] == counts["scored"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert str(result.records[garbage]["id"]) in report
+
+
+# ------------------------------------------------------------------------------------------------ adapters, W&B
+def test_a_lora_training_output_is_merged_into_its_base(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    from phi3v.train import load_train_config, train
+
+    out = tmp_path / "lora"
+    args = tiny_config_args(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, eval_strategy="no", save_strategy="no")
+    train(load_train_config(None, [*args, "--eval_samples", "0", "--lora.projector", "true"]))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
+    result = evaluate(_options(out, tiny_dataset_dir, tmp_path / "eval", ablation=False, max_new_tokens=4))
+    assert result.results["model_kind"] == "adapter"
+    assert result.results["base_model"] == str(Path(tiny_model_dir).resolve())
+
+
+def test_wandb_offline_run_holds_scores_and_the_predictions_table(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "eval"
+    with pytest.MonkeyPatch.context() as mp:
+        isolate_tracking_env(mp, tmp_path / "home")
+        result = evaluate(_options(tiny_model_dir, tiny_dataset_dir, out, report_to="wandb", max_new_tokens=4))
+    run_dir = Path(result.wandb_offline_run)
+    assert run_dir.is_relative_to(out.resolve()) and run_dir.name.startswith("offline-run-")
+    summary = read_summary(run_dir)
+    assert summary["eval/parse_rate"] == result.results["metrics"]["parse_rate"]
+    assert summary["baseline/majority_category/category_accuracy"] == pytest.approx(
+        result.results["baselines"]["majority_category"]["metrics"]["category_accuracy"]
+    )
+    assert summary["blank_image/uses_image"] is result.results["ablation"]["uses_image"]
+    (table,) = read_tables(run_dir, "evaluation/predictions")
+    assert len(table["data"]) == result.results["counts"]["rows"]
+    column = table["columns"].index("prediction")
+    assert [row[column] for row in table["data"]] == [r["raw"] for r in result.records]
