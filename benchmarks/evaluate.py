@@ -62,6 +62,7 @@ from PIL import Image
 from machine import describe  # benchmarks/machine.py (this script's folder is on sys.path)
 from phi3v.data.synthetic import MIXED_SHAPES
 from phi3v.generation import Generation, end_token_ids, generate_answers
+from train_step import build_model_folder  # the same random-init model set-up as the training benchmark
 
 CONFIGS = ("tiny", "phi-3.5-vision-instruct", "phi-3-vision-128k-instruct")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -71,26 +72,6 @@ GOAL = 5.0  # images/s of the best batch size / batch size 1
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
-def build_model_folder(folder: Path, config_name: str, num_crops: int, tokenizer: str | None) -> Path:
-    """A random-init model folder (`write_random_checkpoint`, seed 0); full-size configs get a tokenizer.
-
-    The same set-up as `benchmarks/train_step.py` (kept here so the scripts stay independent).
-    """
-    from phi3v.model.configuration import TINY_CONFIGS, Phi3VConfig
-    from phi3v.model.random_init import write_random_checkpoint
-    from phi3v.model.tokenizer import default_corpus, train_tokenizer
-
-    if tokenizer is None and config_name not in TINY_CONFIGS:
-        vocab_size = Phi3VConfig.from_name(config_name).vocab_size
-        trained = train_tokenizer(default_corpus(), vocab_size=vocab_size)
-        tokenizer = str(folder / "tokenizer")
-        trained.save_pretrained(tokenizer)
-    dtype = torch.bfloat16 if config_name not in TINY_CONFIGS else torch.float32
-    return write_random_checkpoint(
-        folder / "model", config_name, seed=0, num_crops=num_crops, tokenizer_folder=tokenizer, dtype=dtype
-    )
-
-
 def build_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     """A `phi3v synth` catalog of ``n`` products, photos reshaped round-robin to `SHAPES`; the image files, sorted."""
     from phi3v.data.synthetic import make_synthetic_catalog, reshape_photos
@@ -148,7 +129,7 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8,16,32", help="comma-separated; 1 (the baseline) is always run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (order alternates)")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=22, help="22 = a real answer with the tiny tokenizer")
     parser.add_argument("--natural-stop", action="store_true", help="let answers end at <|end|> (no fixed length)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for full-size configs")
     parser.add_argument("--model", default=None, help="an existing model folder (skips writing a random one)")

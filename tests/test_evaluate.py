@@ -1,6 +1,5 @@
 """`phi3v evaluate` on the tiny models: what a garbage model, bad folders, broken images, a LoRA adapter and W&B
-tracking get. The run on a model that learned (beats the baselines, worse on blank images) is in
-test_evaluate_learned.py."""
+tracking get, and that the guide's commands parse."""
 
 from __future__ import annotations
 
@@ -194,3 +193,20 @@ def test_wandb_offline_run_holds_scores_and_the_predictions_table(tiny_model_dir
     assert len(table["data"]) == result.results["counts"]["rows"]
     column = table["columns"].index("prediction")
     assert [row[column] for row in table["data"]] == [r["raw"] for r in result.records]
+
+
+def test_the_guide_commands_parse():
+    import re
+    import shlex
+
+    from phi3v.cli import build_parser
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "evaluate.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", guide, flags=re.DOTALL)
+    lines = [line.split(" #")[0] for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(line) for line in lines if line.startswith("phi3v evaluate ")]
+    assert len(commands) >= 2, "docs/evaluate.md lost its commands"
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(command[1:])
+        assert args.command == "evaluate" and args.model and args.data and args.out

@@ -47,8 +47,9 @@ def test_readme_offline_prepare_commands_run(tmp_path, monkeypatch, capsys):
 
 
 def test_readme_offline_training_commands_run(tmp_path, monkeypatch, tiny_dataset_dir, capsys):
-    """The README's offline training lines (`phi3v init-model`, `phi3v train --config configs/tiny.yaml`) run as
-    written on a prepared sample (a few steps: `--max_steps 4` is the only addition)."""
+    """The README's offline training and evaluation lines (`phi3v init-model`, `phi3v train --config
+    configs/tiny.yaml`, `phi3v evaluate --model runs/tiny-lora ...`) run as written on a prepared sample (a few
+    steps: `--max_steps 4` is the only addition; `--quiet` for evaluate)."""
     import shlex
     import shutil
 
@@ -57,6 +58,7 @@ def test_readme_offline_training_commands_run(tmp_path, monkeypatch, tiny_datase
     lines = README.read_text().splitlines()
     init = shlex.split(next(line for line in lines if line.startswith("phi3v init-model ")).split("#")[0])
     train = shlex.split(next(line for line in lines if line.startswith("phi3v train --config configs/tiny")))
+    evaluate = shlex.split(next(line for line in lines if line.startswith("phi3v evaluate --model runs/tiny")))
     monkeypatch.chdir(tmp_path)
     shutil.copytree(README.parent / "configs", tmp_path / "configs")
     shutil.copytree(tiny_dataset_dir, tmp_path / "data" / "sample-prepared")  # what the prepare line writes
@@ -64,3 +66,7 @@ def test_readme_offline_training_commands_run(tmp_path, monkeypatch, tiny_datase
     assert main([*train[1:], "--max_steps", "4", "--eval_steps", "4", "--save_steps", "4"]) == 0
     assert "trained lora: 4 steps" in capsys.readouterr().out
     assert (tmp_path / "runs" / "tiny-lora" / "adapter_model.safetensors").is_file()
+    assert main([*evaluate[1:], "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "rows of 'test'" in out and "report.html" in out
+    assert (tmp_path / "runs" / "tiny-lora" / "eval" / "report.html").is_file()

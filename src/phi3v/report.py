@@ -114,10 +114,11 @@ LEGEND: tuple[tuple[str, str], ...] = (
     ("Parse rate", "share of answers that follow the answer template with every field readable."),
     (
         "APE",
-        "absolute percentage error of a price, |predicted - true| / true; the median APE is the typical error "
-        "(an unparsed price counts as 100%), MAPE its mean, which large misses dominate.",
+        "absolute percentage error of a price, |predicted - true| / true, over the answers with a parsed price "
+        "(a parse failure is never priced; price coverage says how many); the median APE is the typical error, "
+        "MAPE its mean, which large misses dominate.",
     ),
-    ("Within 10% / 25%", "share of rows whose price is no more than 10% / 25% off."),
+    ("Within 10% / 25%", "share of the parsed prices no more than 10% / 25% off."),
     (
         "SMAPE",
         "symmetric APE, |predicted - true| / ((|predicted| + |true|) / 2): like APE, but over- and under-estimates "
