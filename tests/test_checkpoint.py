@@ -52,7 +52,7 @@ def test_save_writes_the_official_layout(saved):
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in load_all(folder).values())
     assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight" in keys
     assert "model.vision_embed_tokens.img_processor.vision_model.post_layernorm.weight" in keys
-    assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.2.mlp.fc1.weight" in keys  # unused
+    assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.1.mlp.fc1.weight" in keys  # unused
     assert not any(k.endswith("inv_freq") or k.endswith("position_ids") for k in keys)
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["Phi3VForCausalLM"] and config["torch_dtype"] == "float32"

@@ -320,8 +320,9 @@ def test_every_trainable_parameter_gets_a_gradient():
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert no_grad == []
     names = {n for n, _ in model.named_parameters()}
-    assert any(".img_processor.encoder.layers.1." in n for n in names)  # CLIP layers in use are trained
-    assert not any("post_layernorm" in n or ".encoder.layers.2." in n for n in names)  # the unused tail is not
+    last = model.config.vision_config.num_hidden_layers - 1  # features come from hidden_states[-2]
+    assert any(f".img_processor.encoder.layers.{last - 1}." in n for n in names)  # CLIP layers in use are trained
+    assert not any("post_layernorm" in n or f".encoder.layers.{last}." in n for n in names)  # the unused tail is not
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

@@ -10,7 +10,8 @@ feature        how it is drawn                                             what 
 category       silhouette: COATS long A-line body + long hanging sleeves;  ``category3_code``, the title's noun and
                BAGS trapezoid + arched handle + flap; SCARVES diagonal     ``category2_code``
                band with fringes; SHIRTS T shape + white collar; SHOES
-               low sneaker profile + white sole; HATS dome + wide brim
+               low sneaker profile + white sole; HATS dome + wide brim;
+               and the studio backdrop's tint (`BACKDROPS`)
 colour         fill colour of the silhouette (`COLOURS`: 6 distinct RGB)   first word of the title
 pattern        Check = thick horizontal and vertical lines (+ thin ones)   second word of the title
                in a contrasting colour; Striped = vertical lines only;
@@ -122,6 +123,17 @@ DBQ_COLUMNS: tuple[str, ...] = (
 )
 """The 17 DBQ columns, in order (``../shared/docs/dataset-facts.md`` §2)."""
 
+BACKDROPS: dict[str, tuple[int, int, int]] = {
+    "COATS": (236, 230, 216),
+    "BAGS": (214, 226, 240),
+    "SCARVES": (240, 218, 228),
+    "SHIRTS": (218, 236, 218),
+    "SHOES": (226, 226, 226),
+    "HATS": (240, 234, 196),
+}
+"""Studio backdrop RGB by category (each category is shot on its own backdrop, as catalogs often do): a cue a small
+vision model learns in minutes, where the silhouette alone takes it far longer."""
+
 CATEGORY1: tuple[str, ...] = ("WOMAN", "MAN", "KIDS")
 _CATEGORY1_P = (0.5, 0.4, 0.1)
 PRODUCT_CODE_RANGE = (34_500_000, 80_900_000)
@@ -134,7 +146,6 @@ JPEG_QUALITY = 92
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png"}
 
 # Drawing constants (RGB).
-_BACKGROUND = (236, 234, 230)
 _OUTLINE = (34, 30, 28)
 _WHITE = (244, 242, 236)
 _GOLD = (216, 170, 36)
@@ -413,7 +424,7 @@ def draw_product(category: str, colour: str, pattern: str, tier: int, *, size: i
     tint = rng.integers(-6, 7, size=3)
     light_x, light_y = rng.uniform(-9.0, 9.0, size=2)
 
-    background = tuple(int(c + t) for c, t in zip(_BACKGROUND, tint, strict=True))
+    background = tuple(int(c + t) for c, t in zip(BACKDROPS[category], tint, strict=True))
     image = Image.new("RGB", (size, size), background)
     canvas = _Canvas((0.5 + jx) * size, (0.45 + jy) * size, 0.36 * size * scale)
     draw = ImageDraw.Draw(image)
@@ -444,7 +455,7 @@ def draw_product(category: str, colour: str, pattern: str, tier: int, *, size: i
             _render(draw, canvas, prim, colours[key])
 
     # 4. tier: gold dots in fixed slots (left to right) under the product
-    radius = 0.05 * size
+    radius = 0.065 * size  # 22 px at 336: each dot covers a 28-px image token or more
     dot_y = canvas.cy + 1.2 * 0.36 * size
     for slot in range(tier):
         dot_x = canvas.cx + (slot - 1) * 3.0 * radius
