@@ -1,12 +1,13 @@
-# phi3v — set-up and checks. `make test` on a fresh machine creates .venv, installs the pinned dependencies
+# phi3v — set-up and checks. `make demo` / `make test` on a fresh machine creates .venv, installs the pinned dependencies
 # (constraints.txt: torch 2.13.0, CPU build here; never torchvision) and runs lint + the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install test lint format bench clean
+.PHONY: install demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is not None)" \
 		|| { echo "torchvision is installed in $(VENV): it breaks on CPU torch here; remove it"; exit 1; }
 	@touch $(STAMP)
+
+# The whole job on a drawn sample catalog, offline on a CPU: prepare, train, evaluate (runs/demo; `phi3v demo --help`)
+demo: install
+	$(BIN)/phi3v demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
@@ -34,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -14,6 +14,7 @@ import pytest
 
 from phi3v.cli import main
 from phi3v.evaluate import EvaluateOptions, evaluate, image_gains
+from test_docs import documented_commands
 from train_helpers import tiny_config_args
 from wandb_reader import isolate_tracking_env, read_summary, read_tables
 
@@ -196,17 +197,13 @@ def test_wandb_offline_run_holds_scores_and_the_predictions_table(tiny_model_dir
 
 
 def test_the_guide_commands_parse():
-    import re
-    import shlex
 
     from phi3v.cli import build_parser
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "evaluate.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", guide, flags=re.DOTALL)
-    lines = [line.split(" #")[0] for block in blocks for line in block.splitlines()]
-    commands = [shlex.split(line) for line in lines if line.startswith("phi3v evaluate ")]
+    commands = [command for command in documented_commands(guide) if command[0] == "evaluate"]
     assert len(commands) >= 2, "docs/evaluate.md lost its commands"
     parser = build_parser()
     for command in commands:
-        args = parser.parse_args(command[1:])
+        args = parser.parse_args(command)
         assert args.command == "evaluate" and args.model and args.data and args.out

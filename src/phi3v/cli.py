@@ -7,10 +7,14 @@
     phi3v init-model OUT [--config tiny]       a random-weight model folder (offline stand-in for a hub checkpoint)
     phi3v train --config FILE [--resume] [--key value ...]   fine-tune (LoRA / QLoRA / full / frozen vision)
     phi3v evaluate --model MODEL --data DIR --out DIR   generated answers scored against baselines + a report
+    phi3v predict --model MODEL INPUTS... [--out FILE]   answers for image files, folders, URLs or a CSV column
+    phi3v export --model RUN --out DIR   a trained model in the official layout, with a model card
+    phi3v serve --model MODEL [--host H] [--port P]   HTTP service: /v1/predict, OpenAI /v1/chat/completions
+    phi3v demo [--n N] [--epochs E]   the whole job on a drawn sample catalog, offline, on a CPU
 
 MODEL is a folder, a hub id (e.g. microsoft/Phi-3.5-vision-instruct) or a named config (`tiny`,
 `phi-3-vision-128k-instruct`, `phi-3.5-vision-instruct`). Heavy imports happen inside the commands, so `phi3v --help`
-answers at once. The other pipeline commands (predict, serve, export) join this file as they land.
+answers at once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ import sys
 from pathlib import Path
 
 from phi3v import __version__
+
+
+def _log_info() -> None:
+    """INFO log lines on standard error, for the commands that run a stage."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _options(cls: type, args: argparse.Namespace, **given: object) -> object:
+    """An options dataclass from the parsed flags of the same names (``given`` sets the others)."""
+    import dataclasses
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**flags, **given})
 
 
 def _load_config(model: str):
@@ -140,13 +159,11 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    import logging
-
     from phi3v.config import ConfigError
     from phi3v.data.collate import DatasetError
     from phi3v.train import TrainingError, load_train_config, train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_info()
     try:
         config = load_train_config(args.config, overrides)
         summary = train(config, resume=args.resume)
@@ -163,35 +180,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import logging
-
     from phi3v.data.collate import DatasetError
     from phi3v.evaluate import EvaluateOptions, EvaluationError, evaluate
     from phi3v.inference import ModelLoadError
     from phi3v.report import verdicts
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_info()
     try:
-        options = EvaluateOptions(
-            model=args.model,
-            data=args.data,
-            out=args.out,
-            split=args.split,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            constrained=args.constrained,
-            ablation=not args.no_ablation,
-            limit=args.limit,
-            device=args.device,
-            dtype=args.dtype,
-            num_crops=args.num_crops,
-            base_model=args.base_model,
-            prompt=args.prompt,
-            answer_template=args.answer_template,
-            report_to=args.report_to,
-            wandb_project=args.wandb_project,
-            progress=not args.quiet,
-        )
+        options = _options(EvaluateOptions, args, ablation=not args.no_ablation, progress=not args.quiet)
         result = evaluate(options)
     except (DatasetError, EvaluationError, ModelLoadError) as err:
         print(f"phi3v evaluate: {err}", file=sys.stderr)
@@ -207,6 +203,104 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{name:12} {result.files[name]}")
     if result.wandb_offline_run:
         print(f"W&B run logged offline; upload it with: wandb sync {result.wandb_offline_run}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    from phi3v.inference import ModelLoadError
+    from phi3v.predict import PredictError, PredictOptions, predict
+
+    # Inputs may come before, between and after options; argparse hands the ones after an option over as extras.
+    unknown = [value for value in extra if value.startswith("-")]
+    if unknown:
+        print(f"phi3v predict: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    _log_info()
+    try:
+        options = _options(PredictOptions, args, inputs=[*args.inputs, *extra], progress=not args.quiet)
+        result = predict(options)
+    except (PredictError, ModelLoadError) as err:
+        print(f"phi3v predict: {err}", file=sys.stderr)
+        return 1
+    summary = (
+        f"predicted {len(result.rows)} inputs: {result.answered} answered ({result.parse_failures} not following "
+        f"the template), {result.failed} failed"
+    )
+    if result.out is not None:
+        print(f"{summary}; wrote {result.out}")
+    else:  # standard output holds the JSON Lines
+        print(summary, file=sys.stderr)
+    return 0 if result.answered else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from phi3v.export import ExportError, ExportOptions, export
+    from phi3v.inference import ModelLoadError
+
+    _log_info()
+    try:
+        options = _options(ExportOptions, args)
+        result = export(options)
+    except (ExportError, ModelLoadError) as err:
+        print(f"phi3v export: {err}", file=sys.stderr)
+        return 1
+    dtype = str(result.dtype).removeprefix("torch.")
+    print(
+        f"exported the {result.kind} model ({dtype}, {result.tensors} tensors in {len(result.shards)} shard(s), "
+        f"{result.total_bytes / 1e9:.3f} GB) to {result.out}"
+    )
+    if result.metrics_source is not None:
+        print(f"model card metrics from {result.metrics_source}")
+    else:
+        print("no evaluation metrics found (no --metrics, no MODEL/eval/metrics.json): the model card says so")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from phi3v.serve import ServeError, ServeOptions, serve
+
+    _log_info()
+    options = _options(
+        ServeOptions,
+        args,
+        batching=not args.no_batching,
+        warmup=not args.no_warmup,
+        access_log=not args.no_access_log,
+    )
+    try:
+        serve(options)
+    except ServeError as err:
+        print(f"phi3v serve: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from phi3v.demo import DemoOptions, run_demo, summary_rows
+    from phi3v.report import verdicts
+
+    _log_info()
+    options = _options(DemoOptions, args, progress=not args.quiet)
+    result = run_demo(options)
+    counts = result.prepare_counts
+    timing = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in result.seconds.items())
+    lines = [
+        "",
+        "phi3v demo: done",
+        f"catalog   {counts['rows']} rows -> {counts['kept']} kept, {counts['failed']} failed, "
+        f"{counts['duplicates']} duplicates (failures.csv in {result.data})",
+        f"time      {timing}",
+        "",
+        f"{'test split':22} {'model':>10} {'blank images':>13}   baselines",
+    ]
+    lines += [
+        f"{what:22} {model:>10} {blank:>13}   {baselines}"
+        for what, model, blank, baselines in summary_rows(result.results)
+    ]
+    lines += ["", *(f"- {sentence}" for sentence in verdicts(result.results)), ""]
+    lines += [f"report    {result.report}", f"model     {result.model}", f"data      {result.data}"]
+    lines += [f"W&B       offline run {run} (upload: wandb sync {run})" for run in result.wandb_runs]
+    print("\n".join(lines))
     return 0
 
 
@@ -300,6 +394,104 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--wandb-project", default="phi3v", help="default: %(default)s")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_evaluate)
+    pred = commands.add_parser(
+        "predict",
+        help="answer product photos: files, folders, URLs or a CSV column -> JSON Lines or CSV",
+        description="Answer each image with the model's trained prompt and parse the answer into title, category "
+        "and price. One output row per input, in input order; an image that fails to load gets a row with its error.",
+    )
+    pred.add_argument("inputs", nargs="*", help="image files, folders of images, http(s) URLs")
+    pred.add_argument("--model", required=True, help="training output, checkpoint, exported or base model, or hub id")
+    pred.add_argument("--csv", default=None, help="CSV file with a column of image URLs or paths (relative to it)")
+    pred.add_argument("--image-column", default=None, help="the CSV column holding the images")
+    pred.add_argument("--recursive", action="store_true", help="take images from sub-folders of a folder too")
+    pred.add_argument("--out", default=None, help="output file: .csv for CSV, else JSON Lines (default: stdout)")
+    pred.add_argument("--batch-size", type=int, default=8, help="images per generate call (default: %(default)s)")
+    pred.add_argument("--max-new-tokens", type=int, default=64, help="answer length bound (default: %(default)s)")
+    pred.add_argument(
+        "--constrained", action="store_true", help="decode within the template's grammar (training categories)"
+    )
+    pred.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when present)")
+    pred.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    pred.add_argument("--num-crops", type=int, default=None, help="override the processor's crops per image")
+    pred.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    pred.add_argument("--timeout", type=float, default=20.0, help="seconds per download attempt (default: %(default)s)")
+    pred.add_argument("--retries", type=int, default=2, help="extra download attempts (default: %(default)s)")
+    pred.add_argument("--max-bytes", type=int, default=20_000_000, help="largest download (default: %(default)s)")
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.set_defaults(func=cmd_predict, takes_overrides=True)  # extras: inputs given after options
+    exp = commands.add_parser(
+        "export",
+        help="a trained model as one folder in the official Phi-3-V layout, with a model card",
+        description="Merge a LoRA adapter into its base (or take full weights) and write sharded safetensors, "
+        "config, processor, generation config with the right stop tokens, train_config.yaml and a model card.",
+    )
+    exp.add_argument("--model", required=True, help="phi3v train output, checkpoint-N folder or earlier export")
+    exp.add_argument("--out", required=True, help="export folder (must be empty or absent unless --overwrite)")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default: %(default)s)")
+    exp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the dtype of the checkpoint the weights came from (default: %(default)s)",
+    )
+    exp.add_argument(
+        "--metrics", default=None, help="metrics.json for the model card (default: MODEL/eval/metrics.json)"
+    )
+    exp.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    exp.add_argument("--device", default="cpu", help="where the adapter is merged (default: %(default)s)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    exp.set_defaults(func=cmd_export)
+    srv = commands.add_parser(
+        "serve",
+        help="an HTTP service answering photos (/v1/predict, OpenAI /v1/chat/completions), micro-batched",
+        description="Serve a model over HTTP: POST /v1/predict (multipart or base64 JSON), POST "
+        "/v1/chat/completions (OpenAI format, one image), GET /healthz, GET /v1/models. Concurrent requests are "
+        "answered in batches. Guide: docs/serve.md.",
+    )
+    srv.add_argument("--model", required=True, help="training output, checkpoint, exported or base model, or hub id")
+    srv.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all) (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    srv.add_argument("--served-model-name", default=None, help="model id in responses (default: the folder name)")
+    srv.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when present)")
+    srv.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    srv.add_argument("--num-crops", type=int, default=None, help="override the processor's crops per image")
+    srv.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    srv.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
+    srv.add_argument("--answer-template", default=None, help="default: the template the model was trained with")
+    srv.add_argument("--max-batch-size", type=int, default=8, help="requests per generate call (default: %(default)s)")
+    srv.add_argument(
+        "--batch-timeout-ms", type=float, default=10.0, help="most wait for a batch to fill (default: %(default)s)"
+    )
+    srv.add_argument("--no-batching", action="store_true", help="one request per generate call")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get 503 (default: %(default)s)")
+    srv.add_argument("--max-new-tokens", type=int, default=64, help="default max_tokens (default: %(default)s)")
+    srv.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens (default: %(default)s)")
+    srv.add_argument("--request-timeout", type=float, default=120.0, help="seconds, else 504 (default: %(default)s)")
+    srv.add_argument("--max-body-bytes", type=int, default=20_000_000, help="else 413 (default: %(default)s)")
+    srv.add_argument("--max-image-pixels", type=int, default=25_000_000, help="else 422 (default: %(default)s)")
+    srv.add_argument("--max-prompt-chars", type=int, default=4000, help="chat text, else 422 (default: %(default)s)")
+    srv.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    srv.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds (default: %(default)s)")
+    srv.add_argument("--remote-image-max-bytes", type=int, default=20_000_000, help="default: %(default)s")
+    srv.add_argument("--no-warmup", action="store_true", help="report ready without a first blank-image answer")
+    srv.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
+    )
+    srv.add_argument("--no-access-log", action="store_true", help="no line per request")
+    srv.set_defaults(func=cmd_serve)
+    demo = commands.add_parser(
+        "demo", help="the whole job on a drawn sample catalog: prepare, train, evaluate (offline, CPU, minutes)"
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder for everything (default: %(default)s)")
+    demo.add_argument("--n", type=int, default=3000, help="products in the drawn catalog (default: %(default)s)")
+    demo.add_argument("--epochs", type=float, default=3.0, help="training epochs (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--catalog", default=None, help="a real catalog (hub id or file) instead of the drawn one")
+    demo.add_argument("--model", default=None, help="a real base model (hub id or folder), trained with LoRA")
+    demo.add_argument("--report-to", default="wandb", choices=["wandb", "none"], help="W&B: offline without a key")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

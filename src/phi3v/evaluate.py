@@ -37,8 +37,6 @@ from phi3v.data.collate import TRAIN_SPLIT, image_size_of, load_prepared_dataset
 from phi3v.generation import Generation, TemplateConstraint, end_token_ids, generate_answers
 from phi3v.inference import load_for_inference
 from phi3v.metrics import (
-    DEFAULT_ANSWER_TEMPLATE,
-    DEFAULT_PROMPT,
     AnswerTemplate,
     ParsedAnswer,
     baseline_predictions,
@@ -157,9 +155,8 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
         dtype=options.dtype,
         num_crops=options.num_crops,
     )
-    trained_with = loaded.train_config or {}
-    prompt = options.prompt or trained_with.get("prompt") or DEFAULT_PROMPT
-    template = AnswerTemplate(options.answer_template or trained_with.get("answer_template") or DEFAULT_ANSWER_TEMPLATE)
+    prompt = loaded.prompt(options.prompt)
+    template = loaded.answer_template(options.answer_template)
     chat_prompt = loaded.processor.apply_chat_template([{"role": "user", "content": prompt}])
     constraint = (
         TemplateConstraint(

@@ -2,8 +2,8 @@
 
 - A `phi3v train` output or one of its ``checkpoint-N`` folders holding a LoRA adapter (``adapter_config.json``):
   the base model named in the adapter (or ``--base-model``) is loaded and the adapter merged into it.
-- A folder with full weights (``config.json`` + safetensors): a full / frozen-vision training output, a checkpoint, an
-  exported model, or a base model (zero-shot).
+- A folder with full weights (``config.json`` + safetensors): a full / frozen-vision training output, a checkpoint, a
+  `phi3v export` folder (marked by its ``export_info.json``), or a base model (zero-shot).
 - A hub id such as ``microsoft/Phi-3.5-vision-instruct`` (zero-shot); offline, that fails at once with the reason.
 
 The processor comes from the same folder when it holds one (training outputs and checkpoints do), else from the base
@@ -17,16 +17,20 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
 from torch import nn
 
+if TYPE_CHECKING:
+    from phi3v.metrics import AnswerTemplate
+
 logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer.model")
 TRAIN_CONFIG_NAME = "train_config.yaml"
+EXPORT_INFO_NAME = "export_info.json"  # written by `phi3v export` (phi3v.export)
 
 
 class ModelLoadError(ValueError):
@@ -40,9 +44,10 @@ class LoadedModel:
     Attributes:
         model: `Phi3VForCausalLM` in eval mode (adapters merged).
         processor: Its `Phi3VProcessor`.
-        kind: ``adapter`` (LoRA merged into its base), ``full`` (trained full weights) or ``base`` (zero-shot).
+        kind: ``adapter`` (LoRA merged into its base), ``full`` (trained full weights), ``exported`` (a
+            `phi3v export` folder) or ``base`` (zero-shot).
         source: The ``--model`` argument.
-        base: The base model of an adapter (None otherwise).
+        base: The base model of an adapter, or the one an export was made from (None otherwise).
         train_config: The training run's resolved config (None when the folder is not a training output).
         device: Where the weights are.
         dtype: Their dtype.
@@ -50,12 +55,24 @@ class LoadedModel:
 
     model: nn.Module
     processor: Any
-    kind: Literal["adapter", "full", "base"]
+    kind: Literal["adapter", "full", "exported", "base"]
     source: str
     base: str | None
     train_config: dict[str, Any] | None
     device: torch.device
     dtype: torch.dtype
+
+    def prompt(self, override: str | None = None) -> str:
+        """The user turn to answer with: ``override``, else the one the model was trained with, else phi3v's."""
+        from phi3v.metrics import DEFAULT_PROMPT
+
+        return override or (self.train_config or {}).get("prompt") or DEFAULT_PROMPT
+
+    def answer_template(self, override: str | None = None) -> AnswerTemplate:
+        """The answer template: ``override``, else the one the model was trained with, else phi3v's."""
+        from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, AnswerTemplate
+
+        return AnswerTemplate(override or (self.train_config or {}).get("answer_template") or DEFAULT_ANSWER_TEMPLATE)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -83,6 +100,18 @@ def read_train_config(folder: Path) -> dict[str, Any] | None:
         if candidate.is_file():
             return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
     return None
+
+
+def _export_info(folder: Path) -> dict[str, Any] | None:
+    """The ``export_info.json`` of a `phi3v export` folder (None for any other folder)."""
+    path = folder / EXPORT_INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from err
+    return info if isinstance(info, dict) else None
 
 
 def _adapter_base(folder: Path, train_config: dict[str, Any] | None) -> str:
@@ -129,7 +158,7 @@ def load_for_inference(
         logger.info("loading base model %s for the adapter in %s", base, path)
         network = Phi3VForCausalLM.from_pretrained(base, dtype=weights_dtype, device=target)
         network = PeftModel.from_pretrained(network, str(path)).merge_and_unload()
-        kind: Literal["adapter", "full", "base"] = "adapter"
+        kind: Literal["adapter", "full", "exported", "base"] = "adapter"
         has_processor = any((path / name).is_file() for name in PROCESSOR_FILES)
         processor_folder = path if has_processor else resolve_model_folder(base)
     else:
@@ -140,9 +169,13 @@ def load_for_inference(
                 "a checkpoint-N folder, an exported model or a base model such as microsoft/Phi-3.5-vision-instruct"
             )
         train_config = read_train_config(folder)
-        base = None
+        export_info = _export_info(folder)
+        base = export_info.get("base_model") if export_info is not None else None
         network = Phi3VForCausalLM.from_pretrained(folder, dtype=weights_dtype, device=target)
-        kind = "full" if train_config is not None else "base"
+        if export_info is not None:
+            kind = "exported"
+        else:
+            kind = "full" if train_config is not None else "base"
         processor_folder = folder
     options = {"num_crops": num_crops} if num_crops is not None else {}
     processor = Phi3VProcessor.from_pretrained(processor_folder, **options)
