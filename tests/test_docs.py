@@ -21,7 +21,8 @@ DOCS = ("README.md", *sorted(f"docs/{path.name}" for path in (ROOT / "docs").glo
 def documented_commands(text: str) -> list[list[str]]:
     """The `phi3v` command lines of the markdown's shell blocks: continuations joined, comments and `&&` split."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.DOTALL):
+    fences = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    for block in (body for language, body in fences if language in ("", "bash", "sh")):
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             for part in line.split(" #")[0].split("&&"):

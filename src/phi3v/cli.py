@@ -32,6 +32,7 @@ def _log_info() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per downloaded image otherwise
 
 
 def _options(cls: type, args: argparse.Namespace, **given: object) -> object:
