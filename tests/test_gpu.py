@@ -42,3 +42,12 @@ def test_from_pretrained_on_cuda_in_bf16_then_generate(tmp_path):
             input_ids=ids.cuda(), pixel_values=pixel_values.cuda(), image_sizes=image_sizes.cuda(), **kwargs
         )
     assert out.shape == (1, ids.shape[1] + 6)
+
+
+def test_more_processes_per_node_than_gpus_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from phi3v.train import TrainConfig, TrainingError, _preflight
+
+    config = TrainConfig(model="unused", data="unused", output_dir=str(tmp_path / "run"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(torch.cuda.device_count() + 1))
+    with pytest.raises(TrainingError, match="processes per node but"):
+        _preflight(config, config.training_arguments())

@@ -394,7 +394,8 @@ def test_expansion_for_beams_keeps_each_samples_own_images():
     with torch.no_grad():
         once = model.embed_inputs(ids, pixel_values, image_sizes)
         twice = model.embed_inputs(expanded_ids, kwargs["pixel_values"], kwargs["image_sizes"])
-    assert torch.equal(twice, once.repeat_interleave(2, dim=0))
+    # same values (not bit for bit: a batch of 6 images may take other CPU kernels than a batch of 3 on many cores)
+    torch.testing.assert_close(twice, once.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         beams = model.generate(
             input_ids=a[None],

@@ -1,4 +1,4 @@
-"""2-process DDP training on CPU (gloo) with real `torchrun` processes."""
+"""2-process DDP training on CPU (gloo) with real `torchrun` processes (GPUs hidden, so it is the same anywhere)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_model_dir, tiny_datas
         eval_samples=3,  # odd: one rank answers 2, the other 1 (plus a lock-step pad)
     )
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # CPU and gloo on every machine: two ranks on a one-GPU machine would otherwise share its GPU (NCCL refuses)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "phi3v.cli", "train", *args],
         env=env,

@@ -222,6 +222,12 @@ def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
             raise TrainingError("mode qlora needs bitsandbytes: pip install bitsandbytes") from err
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and not args.use_cpu and local_processes > torch.cuda.device_count():
+        raise TrainingError(
+            f"{local_processes} processes per node but {torch.cuda.device_count()} visible GPU(s): each process "
+            "needs a GPU of its own (NCCL refuses two ranks on one GPU). Set --nproc_per_node to the GPU count."
+        )
     if (args.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true") and not torch.cuda.is_available():
         raise TrainingError(
             "FSDP needs CUDA devices: on CPU, accelerate silently falls back to DDP. Drop fsdp for CPU runs."
