@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from phi3v.cli import main
-from phi3v.demo import DEMO_STEPS, DemoOptions
+from phi3v.demo import DEMO_STEPS, DemoError, DemoOptions, run_demo
 from wandb_reader import isolate_tracking_env, read_summary
 
 pytestmark = pytest.mark.slow
@@ -99,11 +99,20 @@ def test_demo_steps_are_the_ones_it_ran(demo):
     assert re.findall(r"([\w-]+) \d+ s", timing) == list(DEMO_STEPS)
 
 
-def test_bad_demo_options_are_refused():
+def test_bad_demo_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--n must be at least 50"):
         DemoOptions(n=10)
     with pytest.raises(ValueError, match="--epochs"):
         DemoOptions(epochs=0)
+    # a folder the demo did not make is never cleared; a base model inside the folder it trains into is refused
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(DemoError, match="holds no earlier demo run"):
+        run_demo(DemoOptions(out=str(tmp_path)))
+    with pytest.raises(DemoError, match="which the demo trains into"):
+        run_demo(DemoOptions(out=str(tmp_path), model=str(tmp_path / "model")))
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing was drawn or prepared"
 
 
 def _sources(out: Path) -> list[str]:

@@ -224,17 +224,31 @@ def test_a_full_run_and_its_checkpoint_export_unchanged(full_run, tmp_path, caps
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-def test_a_non_empty_out_is_refused_unless_overwrite(full_run, tmp_path, capsys):
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    assert main(["export", "--model", str(full_run), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "is not empty" in err and "--overwrite" in err and str(out) in err
-    assert (out / "notes.txt").read_text() == "keep me"
-    assert main(["export", "--model", str(full_run), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors.index.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"], "no temporary or moved-aside folder left"
+def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_an_export(full_run, tmp_path, capsys):
+    def export(out, *flags):
+        code = main(["export", "--model", str(full_run), "--out", str(out), *flags])
+        return code, capsys.readouterr().err
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    code, err = export(taken)
+    assert code == 1 and "is not empty" in err and "--overwrite" in err and str(taken) in err
+    code, err = export(taken, "--overwrite")  # e.g. the base model's folder: never replaced
+    assert code == 1 and "not a phi3v export" in err
+    assert (taken / "notes.txt").read_text() == "keep me"
+
+    out = tmp_path / "export"
+    assert export(out)[0] == 0
+    (out / "stale.txt").write_text("from an earlier export")
+    assert export(out)[0] == 1
+    assert export(out, "--overwrite")[0] == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    code, err = export(link, "--overwrite")
+    assert code == 1 and "symbolic link" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "link", "taken"], "no temporary folder left"
 
 
 def test_bad_model_folders_and_arguments_get_clear_errors(tiny_model_dir, full_run, tmp_path, capsys):

@@ -19,7 +19,7 @@ import yaml
 from http_server import LoopbackServer
 from phi3v.cli import build_parser, main
 from phi3v.metrics import AnswerTemplate
-from phi3v.predict import PredictOptions, predict
+from phi3v.predict import PredictOptions, predict, write_rows
 from test_docs import documented_commands
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "predict.md"
@@ -182,6 +182,26 @@ def test_bad_inputs_stop_before_the_model_loads(photos, tmp_path, capsys):
         "--csv", str(table), "--image-column", "photo"
     )
     assert "--batch-size and --max-new-tokens must be >= 1" in error(str(photos / "loose.png"), "--batch-size", "0")
+    # an --out that would replace an input, or a folder (found before the run, not after it)
+    shop = photos / "shop.csv"
+    before = shop.read_bytes()
+    assert "the answers would replace it" in error("--csv", str(shop), "--image-column", "photo", "--out", str(shop))
+    loose = str(photos / "loose.png")
+    assert "the answers would replace it" in error(loose, "--out", loose)
+    assert f"--out {tmp_path} is a folder" in error(loose, "--out", str(tmp_path))
+    assert shop.read_bytes() == before
+
+
+def test_csv_output_quotes_commas_quotes_and_line_breaks(tmp_path):
+    rows = [
+        {"input": "a,b.jpg", "title": 'Say "hi"', "category": None, "price": 1.5, "raw": "1\r2", "error": None},
+        {"input": "c.jpg", "title": None, "category": None, "price": None, "raw": None, "error": "bad\nimage"},
+    ]
+    write_rows(rows, tmp_path / "out.csv", io.StringIO())
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as handle:
+        back = list(csv.DictReader(handle))
+    expected = [{key: "" if value is None else str(value) for key, value in row.items()} for row in rows]
+    assert back == expected
 
 
 # ------------------------------------------------------------------------------------------------ console script

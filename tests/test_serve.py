@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import ipaddress
+import json
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,9 @@ from PIL import Image
 from http_server import LoopbackServer
 from phi3v.cli import build_parser, main
 from phi3v.serve import (
+    Answer,
     ApiError,
+    BatchEngine,
     Job,
     RemoteImageFetcher,
     ServeError,
@@ -157,7 +161,16 @@ def test_malformed_json_and_wrong_content_types(client, photos):
         "invalid_request_error",
     )
     _error(client.get("/v1/nothing-here"), 404, "not_found")
-    _error(client.get("/v1/predict"), 405, "method_not_allowed")
+    not_allowed = client.get("/v1/predict")
+    _error(not_allowed, 405, "method_not_allowed")
+    assert not_allowed.headers["allow"] == "POST"
+    # bodies json.loads chokes on in other ways than a syntax error: deep nesting, an integer of 5,000 digits
+    for body in (b"[" * 100_000, b'{"image": "x", "max_tokens": ' + b"9" * 5000 + b"}"):
+        response = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+        _error(response, 400, "invalid_json")
+    for field in ("\u00b2", "9" * 5000, "-1", "ten"):  # a superscript two is a digit to str.isdigit, not to int()
+        response = client.post("/v1/predict", data={"max_tokens": field}, files={"image": ("a.jpg", photos[0])})
+        assert "max_tokens" in _error(response, 422, "invalid_request_error")
 
 
 def test_invalid_chat_requests_are_refused_with_the_reason(client, photos):
@@ -177,6 +190,9 @@ def test_invalid_chat_requests_are_refused_with_the_reason(client, photos):
     for expected, body in cases.items():
         message = _error(client.post("/v1/chat/completions", json=body), 422, "invalid_request_error")
         assert expected in message, (expected, message)
+    surrogate = json.dumps(_chat(url, "\ud800")).encode()  # the JSON escape \ud800: a lone surrogate once decoded
+    response = client.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
+    assert "not valid Unicode" in _error(response, 422, "invalid_request_error")
     _error(
         client.post("/v1/predict", json={"image": _data_url(photos[0]), "max_tokens": 0}), 422, "invalid_request_error"
     )
@@ -206,6 +222,8 @@ def test_undecodable_images_get_422(client, photos, make_image):
         "not a recognised image format": b"<html>not an image</html>",
         "cannot decode": photos[0][: len(photos[0]) // 2],  # truncated JPEG: the header reads, the pixels do not
         "empty": b"",
+        # EPS, which Pillow would hand to Ghostscript: not among the formats the server opens
+        "not a recognised image format ": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
     }
     for expected, data in cases.items():
         message = _error(client.post("/v1/predict", files={"image": ("x.jpg", data)}), 422, "invalid_image")
@@ -236,7 +254,7 @@ def test_the_address_policy():
     refused = [
         "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
         "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.2.1", "::1", "::", "fe80::1", "fc00::1", "ff02::1",
-        "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:7f00:1::1", "2001:db8::1",
+        "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:7f00:1::1", "2001:db8::1", "fec0::1",
     ]  # fmt: skip
     for text in refused:
         assert not is_public_address(ipaddress.ip_address(text)), text
@@ -271,6 +289,8 @@ def test_the_fetcher_checks_every_redirect_and_caps_size_and_time(photos):
         public.add("/big.jpg", b"x" * 200_000)
         public.add("/slow.jpg", photos[0], delay=3.0)
         public.add("/loop", status=302, headers={"Location": "/loop"})
+        bomb = gzip.compress(gzip.compress(b"\0" * 20_000_000))  # ~20 kB that a decoder turns into 20 MB
+        public.add("/bomb.jpg", bomb, headers={"Content-Encoding": "gzip, gzip"})
         assert asyncio.run(run(public.url("/hop"))) == photos[0]
         assert public.requests[-1]["headers"]["Host"] == f"127.0.0.1:{public.port}"
         assert "127.0.0.2" in expect(public.url("/to-private"), 400, "image_url_refused")
@@ -279,6 +299,8 @@ def test_the_fetcher_checks_every_redirect_and_caps_size_and_time(photos):
         assert "longer than" in expect(public.url("/slow.jpg"), 422, "image_fetch_failed", timeout=0.5)
         assert "redirects" in expect(public.url("/loop"), 422, "image_fetch_failed")
         assert "HTTP 404" in expect(public.url("/missing"), 422, "image_fetch_failed")
+        assert "Content-Encoding" in expect(public.url("/bomb.jpg"), 422, "image_fetch_failed")
+        assert public.requests[-1]["headers"]["Accept-Encoding"] == "identity"
 
 
 # ------------------------------------------------------------------------------------------------ load, queue, time
@@ -355,6 +377,36 @@ def test_a_full_queue_answers_503_and_a_slow_answer_504(tiny_model_dir, photos):
         response = httpx.post(f"{hurried.url}/v1/predict", files={"image": ("p.jpg", photos[0])}, timeout=60)
         assert "--request-timeout" in _error(response, 504, "timeout")
         assert httpx.get(f"{hurried.url}/healthz").status_code == 200
+
+
+def test_requests_that_timed_out_give_their_queue_places_and_batch_slots_back():
+    batches: list[int] = []
+
+    def run_batch(jobs: list[Job]) -> list[Answer]:
+        batches.append(len(jobs))
+        return [Answer(text="ok", prompt_tokens=1, completion_tokens=1, finish_reason="stop") for _ in jobs]
+
+    async def scenario() -> str:
+        engine = BatchEngine(run_batch, batch_size=8, batch_timeout=0.0, max_queue=3)
+        loop = asyncio.get_running_loop()
+
+        def job() -> Job:
+            return Job(image=Image.new("RGB", (8, 8)), prompt="p", max_tokens=1, future=loop.create_future())
+
+        timed_out = [job() for _ in range(3)]
+        for waiting in timed_out:
+            engine.submit(waiting)
+            waiting.future.cancel()  # what a 504 does to a request still in the queue
+        live = job()
+        engine.submit(live)  # the queue is full of dead requests: they make room instead of a 503
+        engine.start()
+        try:
+            return (await asyncio.wait_for(live.future, 10)).text
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == "ok"
+    assert batches == [1], "only the live request was run"
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -277,12 +277,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from phi3v.demo import DemoOptions, run_demo, summary_rows
+    from phi3v.demo import DemoError, DemoOptions, run_demo, summary_rows
     from phi3v.report import verdicts
 
     _log_info()
     options = _options(DemoOptions, args, progress=not args.quiet)
-    result = run_demo(options)
+    try:
+        result = run_demo(options)
+    except DemoError as err:
+        print(f"phi3v demo: {err}", file=sys.stderr)
+        return 1
     counts = result.prepare_counts
     timing = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in result.seconds.items())
     lines = [

@@ -149,6 +149,9 @@ def run_demo(options: DemoOptions) -> DemoResult:
     from phi3v.train import load_train_config, train
 
     out = Path(options.out).resolve()
+    if options.model is not None and Path(options.model).resolve().is_relative_to(out / "model"):
+        raise DemoError(f"--model {options.model} is inside {out / 'model'}, which the demo trains into; copy it out")
+    _clear_previous_run(out, (out / "model", out / "eval"), dry_run=True)  # refuse before any work
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -187,10 +190,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
 
     # 5. train (the run folder's train_config.yaml is the demo's config, ready to copy); a re-run starts afresh
     model_dir = out / "model"
-    for previous in (model_dir, out / "eval"):
-        if previous.exists():
-            logger.info("demo: removing the previous run's %s", previous)
-            shutil.rmtree(previous)
+    _clear_previous_run(out, (model_dir, out / "eval"))
     config_path = out / "train.yaml"
     config = {
         "model": str(base_model),
@@ -236,6 +236,20 @@ def run_demo(options: DemoOptions) -> DemoResult:
 
 
 # ------------------------------------------------------------------------------------------------------- steps
+def _clear_previous_run(out: Path, folders: tuple[Path, ...], dry_run: bool = False) -> None:
+    """Remove an earlier demo run's ``folders`` (a re-run starts afresh); refuse folders the demo did not make
+    (its ``train.yaml`` marks ``out`` as a demo folder)."""
+    present = [folder for folder in folders if folder.exists()]
+    if present and not (out / "train.yaml").is_file():
+        raise DemoError(
+            f"{', '.join(map(str, present))} exist(s) and {out} holds no earlier demo run (no train.yaml): "
+            "choose another --out"
+        )
+    for folder in [] if dry_run else present:
+        logger.info("demo: removing the previous run's %s", folder)
+        shutil.rmtree(folder)
+
+
 def _draw_catalog(folder: Path, options: DemoOptions, base_url: str) -> Path:
     from phi3v.data.synthetic import make_synthetic_catalog
 

@@ -267,14 +267,22 @@ def _next_to_run(source: Path, name: str) -> Path | None:
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
-    """OUT must be absent or an empty folder (or ``overwrite``), and must not be or hold MODEL."""
+    """OUT must be absent, an empty folder or (with ``overwrite``) an earlier export; not a link; not MODEL's."""
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; give the real folder")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
     resolved_out, resolved_source = out.resolve(), source.resolve()
     if resolved_out == resolved_source or resolved_out in resolved_source.parents:
         raise ExportError(f"--out {out} is or holds the model folder {source}; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out} is not empty; pass --overwrite to replace it")
+        if not (out / EXPORT_INFO_NAME).is_file():
+            raise ExportError(
+                f"--out {out} is not empty and not a phi3v export (no {EXPORT_INFO_NAME}): --overwrite replaces only "
+                "an earlier export; choose an empty or new folder"
+            )
 
 
 def _find_metrics(source: Path, metrics: str | None) -> Path | None:

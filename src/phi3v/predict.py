@@ -174,6 +174,9 @@ def predict(options: PredictOptions, stdout: IO[str] | None = None) -> PredictRe
         options.inputs, csv_file=options.csv, image_column=options.image_column, recursive=options.recursive
     )
     logger.info("%d inputs (%d URLs)", len(inputs), sum(item.kind == "url" for item in inputs))
+    out = Path(options.out) if options.out else None
+    if out is not None:
+        _check_out(out, inputs, options.csv)
 
     # 2. model, prompt, template (and the grammar)
     loaded = load_for_inference(
@@ -243,7 +246,6 @@ def predict(options: PredictOptions, stdout: IO[str] | None = None) -> PredictRe
             parse_failures += not parsed.ok
             row.update(title=parsed.title, category=parsed.category, price=parsed.price, raw=raw)
         rows.append(row)
-    out = Path(options.out) if options.out else None
     write_rows(rows, out, stdout if stdout is not None else sys.stdout)
     failed = sum(row["error"] is not None for row in rows)
     result = PredictResult(
@@ -459,13 +461,25 @@ def model_vocabulary(model: str, train_config: dict[str, Any]) -> TrainingVocabu
 
 
 # ------------------------------------------------------------------------------------------------------- output
+def _check_out(out: Path, inputs: list[PredictInput], csv_file: str | None) -> None:
+    """Refuse an ``--out`` that is a folder or one of the inputs (the answers would replace it), before any work."""
+    if out.is_dir():
+        raise PredictError(f"--out {out} is a folder; give a file name ending in .jsonl or .csv")
+    target = out.resolve()
+    sources = [Path(csv_file)] if csv_file else []
+    sources += [Path(item.location) for item in inputs if item.kind == "path"]
+    clash = next((source for source in sources if source.resolve() == target), None)
+    if clash is not None:
+        raise PredictError(f"--out {out} is the input {clash}: the answers would replace it; choose another file")
+
+
 def write_rows(rows: list[dict[str, Any]], out: Path | None, stdout: IO[str]) -> None:
     """JSON Lines (``out`` None: to ``stdout``) or CSV (``out`` ending in ``.csv``), written to a temporary file
     and renamed, so a crash never leaves a half-written output."""
     fmt = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
     buffer = io.StringIO(newline="" if fmt == "csv" else None)
     if fmt == "csv":
-        writer = csv.DictWriter(buffer, fieldnames=list(OUTPUT_FIELDS), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=list(OUTPUT_FIELDS))  # \r\n rows: a \r or \n in a field is quoted
         writer.writeheader()
         for row in rows:
             writer.writerow({key: "" if row[key] is None else row[key] for key in OUTPUT_FIELDS})

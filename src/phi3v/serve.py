@@ -181,6 +181,10 @@ def error_response(status: int, type_: str, message: str, headers: dict[str, str
 
 
 # ------------------------------------------------------------------------------------------------------------ images
+# Raster formats a product photo comes in; Pillow's others (EPS runs Ghostscript, ...) are refused before decoding.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode an uploaded image with the project's loader (RGB, EXIF orientation applied, first frame).
 
@@ -194,7 +198,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ApiError(422, "invalid_image", "the image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:  # never EPS (Ghostscript) and kin
             width, height = probe.size
     except Image.DecompressionBombError as err:
         raise ApiError(422, "invalid_image", f"refused: possible decompression bomb ({err})") from err
@@ -267,6 +271,7 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
             or candidate.is_link_local
             or candidate.is_reserved
             or candidate.is_unspecified
+            or (isinstance(candidate, ipaddress.IPv6Address) and candidate.is_site_local)  # fec0::/10, deprecated
         ):
             return False
     return True
@@ -304,7 +309,8 @@ class RemoteImageFetcher:
             trust_env=False,
             follow_redirects=False,
             timeout=httpx.Timeout(timeout),
-            headers={"User-Agent": USER_AGENT, "Accept": "image/*;q=0.9,*/*;q=0.5"},
+            # identity only: a compressed body could expand far past max_bytes inside one decoded chunk
+            headers={"User-Agent": USER_AGENT, "Accept": "image/*;q=0.9,*/*;q=0.5", "Accept-Encoding": "identity"},
             # no keep-alive: connections are pooled by address, and a TLS connection verified for one host name
             # must not be reused for another host name that resolves to the same address
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=0),
@@ -332,12 +338,13 @@ class RemoteImageFetcher:
             target = self._parse(url)
             address = await self._checked_address(target)
             pinned = target.copy_with(host=address)
-            host_header = target.host if target.port is None else f"{target.host}:{target.port}"
-            if ":" in target.host and target.port is None:
-                host_header = f"[{target.host}]"
-            elif ":" in target.host:
-                host_header = f"[{target.host}]:{target.port}"
-            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+            host = target.raw_host.decode("ascii")  # IDNA form: what DNS, the Host header and SNI take
+            host_header = host if target.port is None else f"{host}:{target.port}"
+            if ":" in host and target.port is None:
+                host_header = f"[{host}]"
+            elif ":" in host:
+                host_header = f"[{host}]:{target.port}"
+            extensions = {"sni_hostname": host} if target.scheme == "https" else {}
             try:
                 async with self._client.stream(
                     "GET", pinned, headers={"Host": host_header}, extensions=extensions
@@ -370,7 +377,9 @@ class RemoteImageFetcher:
     async def _checked_address(self, target: httpx.URL) -> str:
         port = target.port or (443 if target.scheme == "https" else 80)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(target.host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                target.raw_host.decode("ascii"), port, type=socket.SOCK_STREAM
+            )
         except (socket.gaierror, UnicodeError) as err:
             raise ApiError(422, "image_fetch_failed", f"{target.host}: the host does not resolve ({err})") from err
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
@@ -391,8 +400,13 @@ class RemoteImageFetcher:
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             raise ApiError(422, "image_fetch_failed", f"{url}: {declared} bytes, above the limit of {self.max_bytes}")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(
+                422, "image_fetch_failed", f"{url}: Content-Encoding {encoding[:40]!r} refused (only identity)"
+            )
         body = bytearray()
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_raw():
             body += chunk
             if len(body) > self.max_bytes:
                 raise ApiError(422, "image_fetch_failed", f"{url}: the image is larger than {self.max_bytes} bytes")
@@ -479,6 +493,10 @@ def chat_conversation(
                 text = part.text or ""
                 if "<|image_" in text:
                     raise ApiError(422, "invalid_request_error", "image tags (<|image_N|>) are not allowed in text")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:  # a lone surrogate (JSON "\ud800") is no text a tokenizer takes
+                    raise ApiError(422, "invalid_request_error", "the text is not valid Unicode") from err
                 total_chars += len(text)
                 if text.strip():
                     has_text = True
@@ -596,17 +614,29 @@ class BatchEngine:
             self._wakeup.set()
 
     def submit(self, job: Job) -> None:
+        if self.queue.full():  # requests that timed out while waiting give their places back first
+            waiting = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+            for live in filter(self._live, waiting):
+                self.queue.put_nowait(live)
         self.queue.put_nowait(job)  # asyncio.QueueFull when full
         self.stats.requests += 1
         self._wakeup.set()
 
+    @staticmethod
+    def _live(job: Job) -> bool:
+        return job.future is not None and not job.future.done()  # done: it timed out (504) while waiting
+
     async def _collect(self) -> list[Job]:
         batch = [await self.queue.get()]
+        while not self._live(batch[0]):
+            batch = [await self.queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.batch_timeout
         while len(batch) < self.batch_size:
             try:
-                batch.append(self.queue.get_nowait())
+                job = self.queue.get_nowait()
+                if self._live(job):
+                    batch.append(job)
                 continue
             except asyncio.QueueEmpty:
                 pass
@@ -624,7 +654,7 @@ class BatchEngine:
         while True:
             batch = await self._collect()
             # requests that timed out while waiting are dropped here
-            batch = [job for job in batch if job.future is not None and not job.future.done()]
+            batch = [job for job in batch if self._live(job)]
             if not batch:
                 continue
             self.stats.batches += 1
@@ -913,8 +943,8 @@ class Phi3VService:
         body = await request.body()
         try:
             return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, int digit limit, nesting
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(err)[:200]}") from err
 
     async def _image_bytes(self, source: str, *, raw_base64: bool) -> bytes:
         """The bytes behind an image string: a data URL, an http(s) URL, or (``raw_base64``) plain base64."""
@@ -981,9 +1011,10 @@ class Phi3VService:
             if max_tokens_field is None:
                 max_tokens = self._max_tokens(None)
             else:
-                if not isinstance(max_tokens_field, str) or not max_tokens_field.strip().isdigit():
+                digits = max_tokens_field.strip() if isinstance(max_tokens_field, str) else ""
+                if not (digits.isascii() and digits.isdecimal() and len(digits) <= 9):
                     raise ApiError(422, "invalid_request_error", "max_tokens must be an integer")
-                max_tokens = self._max_tokens(int(max_tokens_field))
+                max_tokens = self._max_tokens(int(digits))
         elif media_type == "application/json" or media_type.endswith("+json"):
             body = await self._json(request)
             try:
@@ -1078,7 +1109,9 @@ class Phi3VService:
         @app.exception_handler(StarletteHTTPException)
         async def on_http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
             kinds = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request_error"}
-            return error_response(err.status_code, kinds.get(err.status_code, "http_error"), str(err.detail))
+            return error_response(
+                err.status_code, kinds.get(err.status_code, "http_error"), str(err.detail), headers=err.headers
+            )
 
         @app.exception_handler(Exception)
         async def on_error(_request: Request, err: Exception) -> JSONResponse:
