@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import re
 import struct
@@ -262,6 +263,14 @@ def test_chunked_body_above_cap(server: LoopbackServer, store: ImageStore):
     url = server.add("/chunked.jpg", b"\xff" * 300_000, chunked=True)
     result = one(url, store, cfg(max_bytes=100_000))
     assert result.reason == "too_large" and 100_000 < result.nbytes <= 300_000
+
+
+def test_compressed_bodies_are_not_read(server: LoopbackServer, store: ImageStore):
+    bomb = gzip.compress(gzip.compress(b"\0" * 20_000_000))  # ~20 kB that a decoder turns into 20 MB
+    url = server.add("/bomb.jpg", bomb, headers={"Content-Encoding": "gzip, gzip"})
+    result = one(url, store, cfg(max_bytes=100_000))
+    assert (result.reason, result.http_status, result.nbytes) == ("encoded_body", 200, 0)
+    assert server.requests[-1]["headers"]["Accept-Encoding"] == "identity"
 
 
 def test_broken_content(server: LoopbackServer, store: ImageStore):

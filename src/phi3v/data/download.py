@@ -79,6 +79,8 @@ REASONS: dict[str, str] = {
     "too_many_redirects": "more than config.max_redirects redirects (or a redirect loop)",
     "invalid_redirect": "a redirect to a non-http(s) URL",
     "decoding_error": "the body's Content-Encoding (gzip, br, ...) could not be decoded",
+    "encoded_body": "a Content-Encoding other than identity despite Accept-Encoding: identity (a compressed body could "
+    "expand far past max_bytes inside one decoded chunk, so it is not read)",
     "too_large": "Content-Length, body or file above config.max_bytes (the body is not read past the cap)",
     "empty": "zero bytes",
     "not_an_image": "not a format Pillow recognises (HTML error pages, JSON, text ...)",
@@ -208,7 +210,8 @@ class DownloadConfig:
             random factor in [0.5, 1] ("equal jitter"), capped at ``max_backoff``.
         max_backoff (float): cap of one wait, also of an honoured ``Retry-After``.
         max_bytes (int): per image: a larger Content-Length fails before reading, a larger body fails as soon as
-            the cap is passed (counted after Content-Encoding decoding, so gzip bombs stop too).
+            the cap is passed. Bodies are asked for uncompressed (``Accept-Encoding: identity``) and one sent with
+            a Content-Encoding anyway fails (``encoded_body``): a gzip bomb never reaches a decoder.
         max_redirects (int): redirects followed per request.
         max_pixels (int): ``width * height`` above this fails before decoding (decompression-bomb guard).
         max_side (int | None): resize so that the long side is at most this (LANCZOS); None keeps the size.
@@ -665,7 +668,7 @@ def make_client(config: DownloadConfig) -> httpx.AsyncClient:
         limits=limits,
         transport=None if _env_proxies() else _ShardedTransport(config.concurrency),
         timeout=httpx.Timeout(config.timeout),
-        headers={"User-Agent": config.user_agent, "Accept": ACCEPT},
+        headers={"User-Agent": config.user_agent, "Accept": ACCEPT, "Accept-Encoding": "identity"},
     )
 
 
@@ -769,9 +772,17 @@ class _Fetcher:
                         http_status=status,
                         nbytes=0,
                     )
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise _SourceError(
+                        "encoded_body",
+                        f"Content-Encoding {encoding[:40]!r} (body not read)",
+                        http_status=status,
+                        nbytes=0,
+                    )
                 chunks: list[bytes] = []
                 received = 0
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():
                     received += len(chunk)
                     if received > max_bytes:
                         raise _SourceError(
