@@ -36,7 +36,7 @@ Model: ``tiny`` is the real architecture at toy width (`write_random_checkpoint`
 (``phi-3.5-vision-instruct``, ``phi-3-vision-128k-instruct``; meant for ``--device cuda``, bf16) are random weights
 written the way `benchmarks/train_step.py` does it; they need a tokenizer: ``--tokenizer DIR`` (e.g. the hub's
 files), otherwise a byte-level BPE is trained with `phi3v.model.tokenizer.train_tokenizer` (its ``<|image|>`` id is
-not 32044, so the model's ``image_token_id`` is set to the processor's after loading). ``--model DIR`` reuses an
+not 32044; `write_random_checkpoint` writes that id into the model's config). ``--model DIR`` reuses an
 existing model folder. SDPA attention (the loader's default; flash-attention on CUDA when installed).
 """
 
@@ -90,10 +90,7 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype, num_crops: int)
     from phi3v.model.processing import Phi3VProcessor
 
     model = Phi3VForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device=device).eval()
-    processor = Phi3VProcessor.from_pretrained(str(model_dir), num_crops=num_crops)
-    if model.config.image_token_id != processor.image_token_id:  # a trained tokenizer on a full-size config
-        model.config.image_token_id = processor.image_token_id
-    return model, processor
+    return model, Phi3VProcessor.from_pretrained(str(model_dir), num_crops=num_crops)
 
 
 def suppress_end_tokens(model: Any, end_ids: list[int]) -> Any:

@@ -26,8 +26,8 @@ Data: a `phi3v synth` catalog (256 px drawings, photos reshaped round-robin to s
 
 Model: ``tiny`` is the real architecture at toy width (`write_random_checkpoint`, seed 0, fp32). Full-size configs
 (random weights, bf16; meant for ``--device cuda``) are written by `train_step.build_model_folder`; without
-``--tokenizer`` a byte-level BPE is trained, and its ``<|image|>`` id is written into the model's config.json so the
-server loads a consistent pair. ``--model DIR`` serves an existing folder instead.
+``--tokenizer`` a byte-level BPE is trained, whose ``<|image|>`` id `write_random_checkpoint` writes into config.json.
+``--model DIR`` serves an existing folder instead.
 
 The client shares this process (and its GIL) with the servers: the numbers include that cost for both modes alike;
 a separate client machine would see somewhat higher rates.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import statistics
@@ -82,18 +81,6 @@ class Run:
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def align_image_token(model_dir: Path) -> None:
-    """Write the tokenizer's ``<|image|>`` id into config.json (a trained BPE on a full-size config)."""
-    from phi3v.model.processing import Phi3VProcessor
-
-    processor = Phi3VProcessor.from_pretrained(str(model_dir))
-    path = model_dir / "config.json"
-    config = json.loads(path.read_text())
-    if config.get("image_token_id", 32044) != processor.image_token_id:
-        config["image_token_id"] = processor.image_token_id
-        path.write_text(json.dumps(config, indent=2))
 
 
 async def drive(url: str, photos: list[bytes], requests: int, concurrency: int) -> tuple[float, list, dict, int]:
@@ -175,8 +162,6 @@ def main() -> None:
             model_dir = Path(args.model)
         else:
             model_dir = build_model_folder(root, args.config, args.num_crops, args.tokenizer)
-            if args.tokenizer is None:
-                align_image_token(model_dir)
         photos = [path.read_bytes() for path in build_images(root, args.n_images)]
         common = {
             "model": str(model_dir),

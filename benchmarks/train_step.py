@@ -56,8 +56,8 @@ through the block to something trainable before it, and one for the weight gradi
   2 (lora: frozen, forward only); a_V = 6 and c_V = 3 (full), a_V = 2 and c_V = 1 (frozen CLIP: forward only).
 
 Full-size configs need a tokenizer: ``--tokenizer DIR`` (e.g. the hub's Phi-3.5-vision-instruct files); without it a
-byte-level BPE is trained with `phi3v.model.tokenizer.train_tokenizer` (its ``<|image|>`` id is 8, not 32044, so the
-model's ``image_token_id`` is set to the processor's after loading; text then tokenises to more tokens than with the
+byte-level BPE is trained with `phi3v.model.tokenizer.train_tokenizer` (its ``<|image|>`` id is 8, not 32044, and
+`write_random_checkpoint` writes that id into the model's config; text then tokenises to more tokens than with the
 real tokenizer, image tokens are unchanged). ``--model DIR`` reuses an existing model folder.
 """
 
@@ -251,9 +251,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     args = config.training_arguments()
     train_set = load_prepared_dataset(config.data, (TRAIN_SPLIT,))[TRAIN_SPLIT]
     model, processor = load_model_and_processor(config, args)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.image_token_id != processor.image_token_id:  # a trained tokenizer on a full-size config
-        base.config.image_token_id = processor.image_token_id
     template = AnswerTemplate(config.answer_template)
     prompt = processor.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True)
     train_set = train_set.add_column(args.length_column_name, sequence_lengths(train_set, processor, prompt, template))

@@ -257,3 +257,33 @@ def test_behind_a_proxy_the_dns_precheck_gives_no_verdict(monkeypatch):
     assert hub.unresolvable_hub_host() == "phi3v-no-such-host.invalid"
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
     assert hub.unresolvable_hub_host() is None
+
+
+def test_a_random_checkpoint_takes_the_image_token_id_of_its_tokenizer(tiny_tokenizer, tmp_path, make_image):
+    """A tokenizer with `<|image|>` elsewhere (a trained BPE on a full-size config): model and processor agree."""
+    from phi3v.model.processing import Phi3VProcessor
+    from phi3v.model.random_init import write_random_checkpoint
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    swap = {"<|image|>": 5, "<|system|>": 8}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = tmp_path / "tokenizer" / name
+        data = json.loads(path.read_text())
+        for entry in [*data.get("added_tokens", []), *data.get("added_tokens_decoder", {}).values()]:
+            entry["id"] = swap.get(entry["content"], entry.get("id"))
+        if "added_tokens_decoder" in data:
+            data["added_tokens_decoder"] = {
+                str(swap.get(entry["content"], int(key))): entry for key, entry in data["added_tokens_decoder"].items()
+            }
+        vocab = data.get("model", {}).get("vocab", {})
+        vocab.update({token: index for token, index in swap.items() if token in vocab})
+        path.write_text(json.dumps(data))
+    folder = write_random_checkpoint(tmp_path / "model", "tiny", tokenizer_folder=tmp_path / "tokenizer")
+    processor = Phi3VProcessor.from_pretrained(folder)
+    model = Phi3VForCausalLM.from_pretrained(folder)
+    assert processor.image_token_id == model.config.image_token_id == 5
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<|image_1|>What is it?"}])
+    inputs = processor(prompt, images=[make_image(300, 200)])
+    assert int((inputs["input_ids"] == 5).sum()) > 100
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()  # the image features found their placeholders

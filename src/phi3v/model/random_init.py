@@ -56,12 +56,15 @@ def write_random_checkpoint(
         tokenizer = load_tokenizer(tokenizer_folder)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}")
+    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), tokenizer)
+    # a trained tokenizer on a full-size config has its <|image|> elsewhere than 32044: model and processor must agree
+    config.image_token_id = processor.image_token_id
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config).to(dtype)
     with torch.no_grad():  # the remote code zero-inits the separators; random ones make their placement matter
         model.vision.glb_GN.normal_(std=0.02)
         model.vision.sub_GN.normal_(std=0.02)
     model.save_pretrained(out)
-    Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), tokenizer).save_pretrained(out)
+    processor.save_pretrained(out)
     logger.info("wrote a random %s model to %s", config_name, out)
     return out
