@@ -232,8 +232,20 @@ def _train_process(args: list[str], env_extra: dict[str, str] | None = None, **k
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "kill_after"),
+    [
+        ({}, 4),
+        # packed rows under a token budget (8-10 batches an epoch): killed in the second epoch
+        ({"packing": True, "max_tokens_per_batch": 3000, "max_steps": 16}, 12),
+    ],
+    ids=["padded", "packed-budget"],
+)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(
+    tiny_model_dir, tiny_dataset_dir, tmp_path, extra, kill_after
+):
     common = {"max_steps": 8, "save_steps": 2, "eval_steps": 4, "dataloader_num_workers": 1, "learning_rate": 1e-3}
+    common.update(extra)
     reference = tmp_path / "reference"
     train(_config(tiny_model_dir, tiny_dataset_dir, reference, **common))
 
@@ -241,15 +253,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_d
     args = tiny_config_args(tiny_model_dir, tiny_dataset_dir, out, **common)
     proc = _train_process(args)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoint-4" / COMPLETE_MARKER).exists():
+    while not (out / f"checkpoint-{kill_after}" / COMPLETE_MARKER).exists():
         assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-4 within 120 s"
+        assert time.monotonic() < deadline, f"no checkpoint-{kill_after} within 120 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "training_summary.json").exists(), "killed before the end"
     resumed_from = latest_checkpoint(out)
-    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) in (4, 6, 8)
+    steps = common["max_steps"]
+    assert resumed_from is not None and kill_after <= int(resumed_from.name.split("-")[1]) <= steps
 
     again = _train_process(args)  # without --resume: refused
     output = again.communicate(timeout=120)[0]
@@ -257,9 +270,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_d
 
     summary = train(_config(tiny_model_dir, tiny_dataset_dir, out, **common), resume=True)
     assert summary.resumed_from == str(resumed_from)
-    assert summary.global_step == 8
+    assert summary.global_step == steps
     expected, got = _losses(reference), _losses(out)
-    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
         assert math.isclose(got[step], expected[step], rel_tol=1e-4, abs_tol=1e-5), (step, expected, got)
     ref_adapter = load_file(reference / "adapter_model.safetensors")
@@ -429,3 +442,59 @@ def test_lora_on_bf16_weights_trains_fp32_copies(tiny_model_dir, tiny_dataset_di
     assert set(trained.values()) == {torch.float32}, trained
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------------- packing
+def test_packed_training_matches_padded_training_step_by_step(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """Same batches (same sampler and seed), packed into one row or padded: the same losses at every step."""
+    logs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        train(
+            _config(
+                tiny_model_dir,
+                tiny_dataset_dir,
+                out,
+                mode="full",
+                packing=packing,
+                max_steps=5,
+                learning_rate=1e-3,
+                eval_strategy="no",
+                save_strategy="no",
+            )
+        )
+        logs[packing] = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    padded, packed = ([row for row in logs[p] if "loss" in row] for p in (False, True))
+    assert [row["step"] for row in packed] == [row["step"] for row in padded] == [1, 2, 3, 4, 5]
+    for a, b in zip(padded, packed, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4, abs_tol=1e-4), (a, b)
+        assert a["tokens_per_batch"] == b["tokens_per_batch"] and a["samples_per_batch"] == b["samples_per_batch"] == 4
+        assert b["padding_ratio"] == 1.0
+    assert max(row["padding_ratio"] for row in padded) > 1.05  # the photos' mixed grids pad the padded batches
+
+
+def test_token_budget_batches_and_their_bad_inputs(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    from phi3v.model.processing import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(tiny_model_dir)
+    split = load_prepared_dataset(tiny_dataset_dir)["train"]
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<|image_1|>What is shown in this image?"}])
+    lengths = sequence_lengths(split, processor, prompt, AnswerTemplate())
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+
+    out = tmp_path / "budget"
+    common = {"eval_strategy": "no", "save_strategy": "no", "max_steps": 3}
+    train(_config(tiny_model_dir, tiny_dataset_dir, out, max_tokens_per_batch=2000, **common))
+    steps = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    padded_sizes = [row["tokens_per_batch"] * row["padding_ratio"] for row in steps if "loss" in row]
+    assert len(padded_sizes) == 3 and all(size <= 2000 + 1 for size in padded_sizes), padded_sizes
+
+    with pytest.raises(TrainingError, match=rf"train row {longest}, which has {lengths[longest]} tokens"):
+        train(_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "small", max_tokens_per_batch=300, **common))
+    with pytest.raises(TrainingError, match=r"packing with max_length=400 would cut \d+ train row"):
+        train(_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "cut", packing=True, max_length=400, **common))
+    with pytest.raises(ConfigError, match="eager has no packed path"):
+        _config(tiny_model_dir, tiny_dataset_dir, tmp_path / "eager", packing=True, attn_implementation="eager")
+    with pytest.raises(TrainingError, match="varlen runs torch's variable-length flash kernels"):
+        train(_config(tiny_model_dir, tiny_dataset_dir, tmp_path / "varlen", attn_implementation="varlen", **common))
+    assert not any((tmp_path / name).exists() for name in ("small", "cut", "varlen"))  # refused before writing

@@ -9,7 +9,9 @@ Steps, top to bottom (`train`):
    `transformers.TrainingArguments` option); refuse a run that cannot work (QLoRA without CUDA, FSDP on CPU, an
    output folder holding another run) before loading anything.
 2. Open the prepared dataset (`phi3v.data.collate.load_prepared_dataset`) and compute every row's token count from
-   the JPEG headers, for length-grouped batches.
+   the JPEG headers, for length-grouped batches, token budgets (``max_tokens_per_batch``) and packing (``packing``:
+   each batch one padding-free row, `phi3v.data.packing`); a budget below the longest row or a ``max_length`` that
+   would cut a packed sample fails here, naming the row.
 3. Load the processor and the model, then apply the mode: ``lora`` (peft LoRA on the LM's attention and MLP,
    optionally the CLIP tower; optionally the projector fully trained), ``qlora`` (the same on a 4-bit NF4 LM,
    bitsandbytes on CUDA), ``full``, ``freeze_vision`` (LM + projector).
@@ -48,8 +50,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from phi3v.config import ConfigError, config_to_dict, load_config
 from phi3v.data.collate import EVAL_SPLIT, TRAIN_SPLIT, Phi3VCollator, load_prepared_dataset, sequence_lengths
+from phi3v.data.packing import TokenBudgetBatchSampler
 from phi3v.generation import generate_answers
 from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, DEFAULT_PROMPT, AnswerTemplate, sample_scores, score_predictions
+from phi3v.model.packed import varlen_available
 from phi3v.tracking import finish_wandb, restore_env, setup_wandb_env, snapshot_env
 
 logger = logging.getLogger(__name__)
@@ -131,7 +135,14 @@ class TrainConfig:
         max_length: Truncate samples to this many tokens (None: no truncation).
         model_dtype: Weights' dtype: ``auto`` = bfloat16 for (q)lora with ``bf16``, else float32 (mixed precision
             keeps fp32 master weights); ``bfloat16`` / ``float32`` to choose.
-        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+        attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2`` or ``varlen`` (SDPA, with packed
+            rows through torch's variable-length flash kernels; CUDA, bf16). With ``packing`` on a CUDA bf16 run,
+            ``sdpa`` becomes ``varlen`` where torch has the kernels.
+        packing: Train on padding-free batches: each batch's samples concatenated into one row, positions, longrope
+            factor and attention per sample (exact; `phi3v.model.packed`). Evaluation loss batches are packed too;
+            generation never is.
+        max_tokens_per_batch: Fill each training batch up to this many tokens (summed when packed, count x longest
+            when padded) instead of ``per_device_train_batch_size`` rows; None: fixed batch size.
         lora: `LoraSettings`.
         vision_lr / projector_lr: Learning rates of the CLIP tower / the projector (None: ``learning_rate``).
         eval_samples: Validation rows of the generation check at each evaluation (0: off).
@@ -151,7 +162,9 @@ class TrainConfig:
     num_crops: int = 4
     max_length: int | None = None
     model_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = "sdpa"
+    packing: bool = False
+    max_tokens_per_batch: int | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     vision_lr: float | None = None
     projector_lr: float | None = None
@@ -174,6 +187,13 @@ class TrainConfig:
             raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
         if self.max_length is not None and self.max_length < 16:
             raise ValueError(f"max_length must be >= 16 (or null), got {self.max_length}")
+        if self.packing and self.attn_implementation == "eager":
+            raise ValueError(
+                "packing: true needs an attention that keeps the packed samples apart; eager has no packed path in "
+                "phi3v: use attn_implementation sdpa (exact block-diagonal mask, any device) or varlen (CUDA)"
+            )
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 16:
+            raise ValueError(f"max_tokens_per_batch must be >= 16 (or null), got {self.max_tokens_per_batch}")
         if self.eval_samples < 0 or self.eval_max_new_tokens < 1:
             raise ValueError("eval_samples must be >= 0 and eval_max_new_tokens >= 1")
         for key in ("vision_lr", "projector_lr"):
@@ -228,6 +248,13 @@ def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
             f"{local_processes} processes per node but {torch.cuda.device_count()} visible GPU(s): each process "
             "needs a GPU of its own (NCCL refuses two ranks on one GPU). Set --nproc_per_node to the GPU count."
         )
+    if config.attn_implementation == "varlen" and (args.use_cpu or not varlen_available()):
+        missing = "a CUDA GPU" if not torch.cuda.is_available() or args.use_cpu else "torch.nn.attention.varlen"
+        raise TrainingError(
+            "attn_implementation varlen runs torch's variable-length flash kernels (torch.nn.attention.varlen, "
+            f"torch >= 2.10) on a CUDA GPU; this run has no {missing}. Use sdpa (packing then uses an exact "
+            "block-diagonal mask)."
+        )
     if (args.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true") and not torch.cuda.is_available():
         raise TrainingError(
             "FSDP needs CUDA devices: on CPU, accelerate silently falls back to DDP. Drop fsdp for CPU runs."
@@ -257,7 +284,52 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 # The keys that must match for a resumed run to continue the same training
-_RESUME_KEYS = ("model", "data", "mode", "prompt", "answer_template", "num_crops", "max_length", "model_dtype", "lora")
+_RESUME_KEYS = (
+    "model",
+    "data",
+    "mode",
+    "prompt",
+    "answer_template",
+    "num_crops",
+    "max_length",
+    "model_dtype",
+    "lora",
+    "packing",
+    "max_tokens_per_batch",
+)
+
+
+def _check_lengths(config: TrainConfig, lengths: list[int]) -> None:
+    """Packing never truncates: a ``max_length`` shorter than a row is an error naming the row."""
+    if config.packing and config.max_length is not None:
+        too_long = [i for i, n in enumerate(lengths) if n > config.max_length]
+        if too_long:
+            raise TrainingError(
+                f"packing with max_length={config.max_length} would cut {len(too_long)} train row(s), the first "
+                f"row {too_long[0]} with {lengths[too_long[0]]} tokens; packed samples are never truncated: raise "
+                f"max_length to at least {max(lengths)} or set it to null"
+            )
+
+
+def _budget_sampler(config: TrainConfig, args: TrainingArguments, lengths: list[int]) -> TokenBudgetBatchSampler:
+    try:
+        return TokenBudgetBatchSampler(
+            lengths,
+            config.max_tokens_per_batch,
+            packed=config.packing,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+
+
+def attention_for_run(config: TrainConfig, args: TrainingArguments) -> str:
+    """The attention implementation the model loads with: packed CUDA bf16/fp16 runs get torch's varlen kernels."""
+    half = args.bf16 or args.fp16 or _model_dtype(config, args) != torch.float32
+    if config.packing and config.attn_implementation == "sdpa" and not args.use_cpu and half and varlen_available():
+        logger.info("packing on CUDA: packed rows use torch's variable-length flash kernels (attn varlen)")
+        return "varlen"
+    return config.attn_implementation
 
 
 def _check_output_dir(config: TrainConfig, resume: bool) -> Path | None:
@@ -347,18 +419,25 @@ def _apply_lora(model: nn.Module, config: TrainConfig, gradient_checkpointing: b
     return model
 
 
-def load_model_and_processor(config: TrainConfig, args: TrainingArguments) -> tuple[nn.Module, Any]:
-    """The processor and the model of a run, with the config's mode applied (trainable parameters set)."""
-    from phi3v.model.modeling import Phi3VForCausalLM
+def load_processor(config: TrainConfig) -> Any:
     from phi3v.model.processing import Phi3VProcessor
 
-    processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
+    return Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
+
+
+def load_model_and_processor(
+    config: TrainConfig, args: TrainingArguments, processor: Any | None = None
+) -> tuple[nn.Module, Any]:
+    """The processor and the model of a run, with the config's mode applied (trainable parameters set)."""
+    from phi3v.model.modeling import Phi3VForCausalLM
+
+    processor = processor if processor is not None else load_processor(config)
     dtype = _model_dtype(config, args)
     device = None
     if config.mode == "qlora":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = Phi3VForCausalLM.from_pretrained(
-        config.model, dtype=dtype, device=device, attn_implementation=config.attn_implementation
+        config.model, dtype=dtype, device=device, attn_implementation=attention_for_run(config, args)
     )
     if config.mode == "qlora":
         _quantize_lm_4bit(model, dtype, device)
@@ -481,8 +560,11 @@ class Phi3VTrainer(Trainer):
     - Per-component learning rates (CLIP tower / projector / LM), weight decay off for biases and norms.
     - A NaN/inf loss on any rank stops the run (`NonFiniteLossError`) before the optimizer applies it (under
       DeepSpeed, whose backward also steps, just after); the last complete checkpoint stays the latest.
-    - Training logs gain ``padding_ratio`` (padded / real tokens: 1.0 means no padding), ``images_per_second`` and
-      ``tokens_per_second`` (real tokens, all ranks, evaluation time excluded).
+    - Training logs gain ``padding_ratio`` (padded / real tokens: 1.0 means no padding, as when packed),
+      ``images_per_second`` and ``tokens_per_second`` (real tokens, all ranks, evaluation time excluded),
+      ``tokens_per_batch`` (real) and ``samples_per_batch`` (per rank and micro-batch).
+    - With ``train_batch_sampler`` (token budgets), training batches come from it (accelerate deals them out to the
+      ranks); its epoch is set at each epoch's start, so a resumed run sees the same batches.
     - Each evaluation adds the generation check's metrics (``eval_gen_*``), writes its answers to
       ``generations/step-N.jsonl`` and, with W&B, logs a ``wandb.Table`` of image, truth and prediction.
     - Checkpoints get a completion marker once fully written (all ranks); only complete ones are rotated
@@ -494,11 +576,15 @@ class Phi3VTrainer(Trainer):
         *args: Any,
         phi3v_config: TrainConfig,
         generation_check: GenerationCheck | None = None,
+        train_batch_sampler: TokenBudgetBatchSampler | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.phi3v_config = phi3v_config
         self.generation_check = generation_check
+        self.train_batch_sampler = train_batch_sampler
+        if train_batch_sampler is not None:
+            self.add_callback(_SamplerEpochCallback(train_batch_sampler))
         self.generations_name: str | None = None  # file name of the next generation check (default: step-N)
         self._reset_stats()
 
@@ -539,9 +625,34 @@ class Phi3VTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, lr=lm_lr, **optimizer_kwargs)
         return self.optimizer
 
+    # ---- batches
+    def get_train_dataloader(self) -> Any:
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        return self.accelerator.prepare(loader)
+
     # ---- loss, non-finite guard, throughput
     def _reset_stats(self) -> None:
         self._images = 0
+        self._samples = 0
+        self._batches = 0
         self._real_tokens = 0
         self._padded_tokens = 0
         self._stats_start: float | None = None
@@ -551,9 +662,16 @@ class Phi3VTrainer(Trainer):
         if model.training:
             if self._stats_start is None:
                 self._stats_start = time.perf_counter()
-            mask = inputs["attention_mask"]
-            self._real_tokens += int(mask.sum())
-            self._padded_tokens += mask.numel()
+            if "cu_seq_lens" in inputs:  # packed: every token is real
+                self._real_tokens += inputs["input_ids"].numel()
+                self._padded_tokens += inputs["input_ids"].numel()
+                self._samples += inputs["cu_seq_lens"].numel() - 1
+            else:
+                mask = inputs["attention_mask"]
+                self._real_tokens += int(mask.sum())
+                self._padded_tokens += mask.numel()
+                self._samples += mask.shape[0]
+            self._batches += 1
             self._images += int(inputs["image_sizes"].shape[0]) if "image_sizes" in inputs else 0
         return super().compute_loss(model, inputs, *args, **kwargs)
 
@@ -579,17 +697,22 @@ class Phi3VTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats_start is not None:
-            counts = torch.tensor([self._images, self._real_tokens, self._padded_tokens], dtype=torch.float64)
+            counts = torch.tensor(
+                [self._images, self._real_tokens, self._padded_tokens, self._samples, self._batches],
+                dtype=torch.float64,
+            )
             if self.args.world_size > 1:
                 import torch.distributed as dist
 
                 counts = counts.to(self.args.device)
                 dist.all_reduce(counts)
                 counts = counts.cpu()
-            images, real, padded = counts.tolist()
+            images, real, padded, samples, batches = counts.tolist()
             elapsed = max(time.perf_counter() - self._stats_start - self._excluded_time, 1e-9)
             if real > 0:
                 logs["padding_ratio"] = round(padded / real, 4)
+                logs["tokens_per_batch"] = round(real / batches, 1)
+                logs["samples_per_batch"] = round(samples / batches, 2)
                 logs["images_per_second"] = round(images / elapsed, 3)
                 logs["tokens_per_second"] = round(real / elapsed, 1)
             self._reset_stats()
@@ -734,6 +857,17 @@ class _WandbConfigCallback(TrainerCallback):
             wandb.config.update({"phi3v": self.config}, allow_val_change=True)
 
 
+class _SamplerEpochCallback(TrainerCallback):
+    """Set the token-budget sampler's epoch at each epoch's start (accelerate forwards ``set_epoch`` to it in most
+    set-ups, but not through every wrapper it adds on resume), so a resumed run draws the same batch order."""
+
+    def __init__(self, sampler: TokenBudgetBatchSampler) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.sampler.set_epoch(int(state.epoch or 0))
+
+
 class _GradientCheckpointingCallback(TrainerCallback):
     """Keep gradients flowing into checkpointed blocks whose inputs are frozen embeddings (LoRA)."""
 
@@ -794,18 +928,24 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
     splits = load_prepared_dataset(
         config.data, (TRAIN_SPLIT, EVAL_SPLIT) if args.eval_strategy != "no" else (TRAIN_SPLIT,)
     )
-    transformers.set_seed(args.seed)  # adapters are initialised from the global RNG: same seed, same run
-    model, processor = load_model_and_processor(config, args)
+    processor = load_processor(config)
     template = AnswerTemplate(config.answer_template)
     prompt = processor.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True)
     train_set, eval_set = splits[TRAIN_SPLIT], splits.get(EVAL_SPLIT)
-    if args.train_sampling_strategy == "group_by_length":  # the Trainer groups evaluation batches by length too
-        train_set, eval_set = (
-            split.add_column(args.length_column_name, sequence_lengths(split, processor, prompt, template))
-            if split is not None
-            else None
-            for split in (train_set, eval_set)
-        )
+    budget_sampler = None
+    if args.train_sampling_strategy == "group_by_length" or config.packing or config.max_tokens_per_batch:
+        train_lengths = sequence_lengths(train_set, processor, prompt, template)
+        _check_lengths(config, train_lengths)
+        if config.max_tokens_per_batch is not None:
+            budget_sampler = _budget_sampler(config, args, train_lengths)
+            logger.info("token budget %d: %s", config.max_tokens_per_batch, budget_sampler.stats())
+        train_set = train_set.add_column(args.length_column_name, train_lengths)
+        if eval_set is not None and args.train_sampling_strategy == "group_by_length":  # evaluation batches too
+            eval_set = eval_set.add_column(
+                args.length_column_name, sequence_lengths(eval_set, processor, prompt, template)
+            )
+    transformers.set_seed(args.seed)  # adapters are initialised from the global RNG: same seed, same run
+    model, processor = load_model_and_processor(config, args, processor)
     generation_check = (
         GenerationCheck(eval_set, config.eval_samples, prompt, template, config.eval_max_new_tokens)
         if eval_set is not None and config.eval_samples > 0
@@ -834,11 +974,12 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=Phi3VCollator(processor, prompt, template, config.max_length),
+            data_collator=Phi3VCollator(processor, prompt, template, config.max_length, packing=config.packing),
             processing_class=processor,
             callbacks=[_GradientCheckpointingCallback(), _WandbConfigCallback(config), *(callbacks or [])],
             phi3v_config=config,
             generation_check=generation_check,
+            train_batch_sampler=budget_sampler,
         )
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         trainer.generations_name = "final"  # the final model's answers (the best one with load_best_model_at_end)

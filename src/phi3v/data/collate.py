@@ -6,7 +6,8 @@
   the JPEG header's size, `Phi3VImageProcessor.num_image_tokens_for_size`), for length-grouped sampling.
 - `Phi3VCollator` turns rows into a batch with `Phi3VProcessor.build_training_batch`: chat-formatted prompt,
   answer from the `AnswerTemplate`, loss on the answer and its ``<|end|>`` only. It runs inside the DataLoader's
-  worker processes, so image decoding and the HD transform overlap the training step.
+  worker processes, so image decoding and the HD transform overlap the training step. With ``packing`` the batch
+  becomes one padding-free row (`phi3v.data.packing.pack_batch`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from phi3v.data.packing import pack_batch
 from phi3v.metrics import AnswerTemplate
 
 logger = logging.getLogger(__name__)
@@ -148,15 +150,23 @@ class Phi3VCollator:
         prompt (`str`): The chat-formatted user turn ending in ``"<|assistant|>\\n"``, with one ``<|image_1|>``.
         answer_template (`AnswerTemplate`): Formats each row's answer.
         max_length (`int`, *optional*): Truncation length (`build_training_batch`).
+        packing (`bool`, *optional*, defaults to False): Return one packed row (`pack_batch`) instead of a padded
+            batch.
     """
 
     def __init__(
-        self, processor: Any, prompt: str, answer_template: AnswerTemplate, max_length: int | None = None
+        self,
+        processor: Any,
+        prompt: str,
+        answer_template: AnswerTemplate,
+        max_length: int | None = None,
+        packing: bool = False,
     ) -> None:
         self.processor = processor
         self.prompt = prompt
         self.answer_template = answer_template
         self.max_length = max_length
+        self.packing = packing
 
     def __call__(self, rows: list[dict[str, Any]]) -> Any:
         images = [row["image"] for row in rows]
@@ -164,4 +174,4 @@ class Phi3VCollator:
         batch = self.processor.build_training_batch(
             [self.prompt] * len(rows), answers, images=images, max_length=self.max_length
         )
-        return batch
+        return pack_batch(batch) if self.packing else batch

@@ -10,6 +10,10 @@ embedding under `model.vision_embed_tokens` (the official place) and one step be
     input_ids [B, T] --embed_tokens--> [B, T, D]
     placeholder positions (input_ids == image_token_id) <-- masked_scatter -- image features [sum tokens, D]
 
+Packed batches (training with ``packing: true``) pass ``cu_seq_lens`` and ``max_seq_len``: one row of samples back to
+back, each with its own positions, longrope factor and attention (`packed.py`); the decoder layers are then called
+directly with those, the rest is the same modules.
+
 Placeholders are one real token id (`<|image|>`, 32044 officially) rather than the remote code's negative ids, which
 break `generate`'s logits processors. Images enter at prefill only; decode steps embed the new token alone.
 Loading and saving use the official safetensors layout (`checkpoint.py`).
@@ -25,10 +29,12 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, Phi3ForCausalLM, Phi3Model
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 from transformers.utils import is_flash_attn_2_available
 
-from . import checkpoint
+from . import checkpoint, packed
 from .configuration import Phi3VConfig
 from .hub import resolve_model_folder
 from .vision import Phi3VImageEmbedding
@@ -128,10 +134,15 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_seq_len: int | None = None,
         **kwargs,
     ):
         """Phi3ForCausalLM's forward with images. `labels` use -100 for ignored positions; Trainer's
-        `num_items_in_batch` (in kwargs) reaches the loss so multi-process losses are normalised right."""
+        `num_items_in_batch` (in kwargs) reaches the loss so multi-process losses are normalised right.
+
+        A packed row (`phi3v.data.packing.pack_batch`) adds ``cu_seq_lens`` ``[n + 1]`` (cumulative sample lengths)
+        and ``max_seq_len``, with ``position_ids`` restarting per sample and no ``attention_mask``."""
         if "past_key_values" in kwargs:  # the pre-5.x name of `cache`
             cache = kwargs.pop("past_key_values")
         if inputs_embeds is None:
@@ -140,6 +151,14 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, cache)
         elif pixel_values is not None:
             raise ValueError("pass images with input_ids, not with inputs_embeds")
+        if cu_seq_lens is not None:
+            if attention_mask is not None or cache is not None or use_cache or position_ids is None:
+                raise ValueError(
+                    "a packed row takes position_ids and cu_seq_lens, and no attention_mask or cache (training only)"
+                )
+            return self._forward_packed(
+                inputs_embeds, position_ids, cu_seq_lens, max_seq_len, labels, logits_to_keep, **kwargs
+            )
         return super().forward(
             input_ids=None,
             attention_mask=attention_mask,
@@ -151,6 +170,46 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _forward_packed(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        cu_seq_lens: torch.Tensor,
+        max_seq_len: int | None,
+        labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`Phi3Model.forward` for one packed row: the same layers, norm, head and loss, with per-sample rotary
+        factors and an attention that never crosses samples (`packed.py`)."""
+        if inputs_embeds.shape[0] != 1:
+            raise ValueError(f"a packed batch is one row, got {inputs_embeds.shape[0]}")
+        total = inputs_embeds.shape[1]
+        lm = self.model
+        position_embeddings = packed.packed_position_embeddings(
+            lm.rotary_emb, inputs_embeds, position_ids, cu_seq_lens
+        )  # ([1, N, hd], [1, N, hd])
+        if max_seq_len is None:
+            max_seq_len = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+        mask, attention_kwargs = packed.packed_attention_inputs(
+            self.config._attn_implementation, cu_seq_lens, max_seq_len, total
+        )
+        hidden_states = inputs_embeds  # [1, N, D]
+        for layer in lm.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **attention_kwargs,
+            )
+        hidden_states = lm.norm(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # [1, N, V]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(
         self, input_ids, cache=None, pixel_values=None, image_sizes=None, is_first_iteration=False, **kwargs
@@ -231,7 +290,8 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             pretrained_model_name_or_path: a local folder or a hub id such as "microsoft/Phi-3.5-vision-instruct".
             dtype: "auto" (the checkpoint's `torch_dtype`), or a dtype such as torch.bfloat16 / torch.float32.
             device: where the weights go (default CPU). `device_map` is not supported.
-            attn_implementation: "sdpa", "eager" or "flash_attention_2"; default flash-attention when installed and
+            attn_implementation: "sdpa", "eager", "flash_attention_2" or "varlen" (SDPA, but packed training rows run
+                torch's variable-length flash kernels: `packed.py`); default flash-attention when installed and
                 the dtype is half precision on CUDA, else SDPA (the checkpoint's own "flash_attention_2" is ignored).
             revision, cache_dir, local_files_only, token: passed to the hub download.
             config: use this config instead of the folder's `config.json`.
@@ -256,6 +316,8 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if attn_implementation in ("varlen", packed.VARLEN_ATTENTION):
+            attn_implementation = packed.register_varlen_attention()
         config._attn_implementation = attn_implementation or _default_attn_implementation(dtype, device)
 
         with checkpoint.empty_parameters():
