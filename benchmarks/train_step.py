@@ -1,4 +1,5 @@
-"""Training-step benchmark: `phi3v train`'s optimizer step per mode, length-grouped against random batches.
+"""Training-step benchmark: `phi3v train`'s optimizer step per mode — padded against packed batches (the same
+samples), length-grouped against random batches, and optionally token-budget batches.
 
     python benchmarks/train_step.py                  # tiny random model on the CPU (~2 min on 2 cores)
     python benchmarks/train_step.py --device cuda --config phi-3.5-vision-instruct --num-crops 4
@@ -13,26 +14,39 @@ otherwise reported as skipped with the reason). SDPA attention.
 
 Data: a `phi3v synth` catalog run through `phi3v prepare` in a temporary folder, its photos reshaped round-robin to
 square / wide / tall, so batches mix crop grids and token counts (the same set-up as the training tests). Batches
-are the Trainer's own: ``trainer.get_train_dataloader()`` with `Phi3VCollator`, and either
-``train_sampling_strategy="group_by_length"`` (transformers' `LengthGroupedSampler` over `sequence_lengths`, phi3v's
-default: random mega-batches of ``min(50, n / (4 * batch))`` batches, sorted by length inside) or ``"random"`` (the
-baseline, in the same run). Batches are collated before the timed loop (a training run collates them in DataLoader
-workers, overlapped with the step); the collation time is reported separately.
+are the Trainer's own: ``trainer.get_train_dataloader()`` with `Phi3VCollator`. The variants, all in one run:
 
-Each mode runs in a fresh Python process (clean allocator and peak-memory state) that trains one model on both
-samplers' batches, steps interleaved in ABBA order (grouped, random, random, grouped, ...), so a change in machine
-load hits both alike; ``--warmup`` steps per sampler, then ``--steps`` timed ones per sampler (medians; machines are
-noisy). Measured:
+- ``grouped``: ``train_sampling_strategy="group_by_length"`` (transformers' `LengthGroupedSampler` over
+  `sequence_lengths`, phi3v's default: random mega-batches of ``min(50, n / (4 * batch))`` batches, sorted by length
+  inside), padded to each batch's longest sample;
+- ``packed``: **the same batches** as ``grouped``, each packed into one padding-free row (`pack_batch`, what
+  ``packing: true`` trains on), through ``attn_implementation="varlen"`` as a packed run loads it: torch's varlen
+  flash kernels on CUDA in bf16, SDPA sample by sample on the CPU (the padded variants' calls of it are plain SDPA);
+- ``random``: ``"random"`` sampling, padded (the old baseline);
+- with ``--max-tokens B``: ``budget-padded`` / ``budget-packed``, batches of `TokenBudgetBatchSampler` at budget B
+  (padded cost count x longest, packed cost sum of lengths; not the same samples per batch, the same budget), and
+  the budget's memory prediction checked against the measured peak.
+
+Batches are collated before the timed loop (a training run collates them in DataLoader workers, overlapped with the
+step); the collation time is reported separately.
+
+Each mode runs in a fresh Python process (clean allocator and peak-memory state) that trains one model on every
+variant's batches, steps interleaved in ABBA order (A, B, C, C, B, A, ...), so a change in machine load hits all
+alike; ``--warmup`` steps per variant, then ``--steps`` timed ones per variant (medians; machines are noisy).
+Measured:
 
 - tokens/s: real (non-padding) tokens of the batch / step time; images/s likewise;
-- padding ratio: padded tokens (batch * longest) / real tokens over the timed batches (1.0 = no padding);
-- peak memory (per mode, over both samplers' steps; the length-grouped sampler puts the longest batch first, so the
-  random batches do not set a higher peak than a grouped run would): CUDA: ``torch.cuda.max_memory_allocated``
-  over warm-up and timed steps (weights, gradients, optimizer state, activations). CPU: peak RSS growth =
-  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the steps minus the RSS just before the first step, the
-  high-water mark having been reset then by writing ``5`` to ``/proc/self/clear_refs`` (Linux; no tracemalloc,
-  which misses torch's allocations). Growth, not total: the model's weights and the collated batches are already
-  resident; optimizer state (allocated in the first step) is included.
+- padding ratio: tokens through the model (batch * longest, or N when packed) / real tokens over the timed batches
+  (1.0 = no padding);
+- peak memory, per variant (the peak is reset before each step and read after it; the variant's value is the max
+  over its steps): CUDA: ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state, activations).
+  CPU: peak RSS growth over the step = the high-water mark after the step (``VmHWM``) minus the RSS before it, freed
+  heap having been returned first (glibc ``malloc_trim``) and the mark reset by writing ``5`` to
+  ``/proc/self/clear_refs`` (Linux; no tracemalloc, which misses torch's allocations). Growth, not total: weights,
+  optimizer state (after the first step) and the collated batches are already resident;
+- with ``--max-tokens``, the budget's prediction: (peak - the step-free baseline of weights, gradients and optimizer
+  state) per token of the largest batch, from the padded fixed-size run, times the budget, compared with the
+  budget variants' measured peaks.
 - model FLOP/s and, on CUDA, MFU = model FLOP/s / ``--peak-tflops`` (default 790 TFLOP/s).
 
 Model FLOPs of one step (no recomputation counted: gradient checkpointing lowers MFU). Each matmul weight costs 2
@@ -84,7 +98,8 @@ from machine import describe  # benchmarks/machine.py (this script's folder is o
 from phi3v.data.synthetic import MIXED_SHAPES
 
 MODES = ("lora", "full", "freeze_vision", "qlora")
-SAMPLERS = ("group_by_length", "random")
+VARIANTS = ("grouped", "packed", "random")  # + ("budget-padded", "budget-packed") with --max-tokens
+SAMPLER_OF = {"grouped": "group_by_length", "packed": "group_by_length", "random": "random"}
 SHAPES = MIXED_SHAPES  # square, wide (1x2 crops at num_crops 4), tall (2x1)
 
 
@@ -201,10 +216,25 @@ def _flop_model(model: Any, mode: str) -> dict[str, Any]:
     }
 
 
+def real_lengths(batch: Any) -> torch.Tensor:
+    """Real token count of each sample of a padded or a packed batch."""
+    if "cu_seq_lens" in batch:
+        cu = batch["cu_seq_lens"].long()
+        return cu[1:] - cu[:-1]
+    return batch["attention_mask"].sum(dim=1)
+
+
+def model_tokens(batch: Any) -> int:
+    """Tokens the model runs over: the padded batch's size, or the packed row's length."""
+    return batch["input_ids"].numel()
+
+
 def _batch_flops(batch: Any, f: dict[str, Any]) -> float:
-    real = batch["attention_mask"].sum(dim=1).double()
+    real = real_lengths(batch).double()
     tokens = float(real.sum())
-    image_tokens = float(((batch["input_ids"] == f["image_token_id"]) & batch["attention_mask"].bool()).sum())
+    ids = batch["input_ids"]
+    real_mask = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+    image_tokens = float(((ids == f["image_token_id"]) & real_mask).sum())
     sizes = batch["image_sizes"].reshape(-1, 2)
     crops = float(sum(1 + (int(h) // f["crop"]) * (int(w) // f["crop"]) for h, w in sizes.tolist()))
     p = f["patches"]
@@ -215,21 +245,42 @@ def _batch_flops(batch: Any, f: dict[str, Any]) -> float:
     return lm + proj + clip
 
 
+def _trim_heap() -> None:
+    """Give freed heap back to the OS (glibc ``malloc_trim``), so the RSS before a step is what is live."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _peak_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One mode, both samplers (steps interleaved), in its own process."""
+    """One mode, every variant (steps interleaved), in its own process."""
     import transformers
 
     from phi3v.data.collate import TRAIN_SPLIT, Phi3VCollator, load_prepared_dataset, sequence_lengths
+    from phi3v.data.packing import TokenBudgetBatchSampler, pack_batch
     from phi3v.metrics import AnswerTemplate
     from phi3v.train import Phi3VTrainer, TrainConfig, load_model_and_processor, parameter_counts
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"
+    variants = spec["variants"]
     training: dict[str, Any] = {
         "per_device_train_batch_size": spec["batch_size"],
         "dataloader_num_workers": 0,
-        "train_sampling_strategy": SAMPLERS[0],  # switched per sampler below
+        "train_sampling_strategy": "group_by_length",  # switched per variant below
         "eval_strategy": "no",
         "save_strategy": "no",
         "report_to": "none",
@@ -246,6 +297,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         mode=spec["mode"],
         num_crops=spec["num_crops"],
         eval_samples=0,
+        packing=True,  # the attention a packed run loads (varlen on CUDA bf16); padded calls of it are plain SDPA
         training=training,
     )
     args = config.training_arguments()
@@ -253,12 +305,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     model, processor = load_model_and_processor(config, args)
     template = AnswerTemplate(config.answer_template)
     prompt = processor.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True)
-    train_set = train_set.add_column(args.length_column_name, sequence_lengths(train_set, processor, prompt, template))
+    lengths = sequence_lengths(train_set, processor, prompt, template)
+    train_set = train_set.add_column(args.length_column_name, lengths)
+    collator = Phi3VCollator(processor, prompt, template, config.max_length)
     trainer = Phi3VTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
-        data_collator=Phi3VCollator(processor, prompt, template, config.max_length),
+        data_collator=collator,
         processing_class=processor,
         phi3v_config=config,
     )
@@ -274,35 +328,47 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     n_steps = spec["warmup"] + spec["steps"]
     batches: dict[str, list[Any]] = {}
     collate_s: dict[str, float] = {}
-    for sampler in SAMPLERS:  # the Trainer's own sampler and collator for each strategy
-        args.train_sampling_strategy = sampler
-        batches[sampler] = []
+    for variant in variants:  # the Trainer's own samplers and collator
+        if variant == "packed":  # the grouped batches, packed: the same samples
+            started = time.perf_counter()
+            batches[variant] = [pack_batch(batch) for batch in batches["grouped"]]
+            collate_s[variant] = collate_s["grouped"] + (time.perf_counter() - started) / n_steps
+            continue
+        budget = variant.startswith("budget-")
+        collator.packing = variant == "budget-packed"
+        args.train_sampling_strategy = SAMPLER_OF.get(variant, "group_by_length")
+        trainer.train_batch_sampler = (
+            TokenBudgetBatchSampler(lengths, spec["max_tokens"], packed=collator.packing, seed=0) if budget else None
+        )
+        batches[variant] = []
         collate_started = time.perf_counter()
         for batch in trainer.get_train_dataloader():
-            batches[sampler].append(batch)
-            if len(batches[sampler]) == n_steps:
+            batches[variant].append(batch)
+            if len(batches[variant]) == n_steps:
                 break
-        collate_s[sampler] = (time.perf_counter() - collate_started) / max(len(batches[sampler]), 1)
-        if len(batches[sampler]) < n_steps:
-            raise RuntimeError(f"only {len(batches[sampler])} batches in the train split; need {n_steps} (--rows)")
+        collate_s[variant] = (time.perf_counter() - collate_started) / max(len(batches[variant]), 1)
+        if len(batches[variant]) < n_steps:
+            raise RuntimeError(f"only {len(batches[variant])} {variant} batches; need {n_steps} (--rows)")
 
-    # interleaved, ABBA order: a change in machine load hits both samplers alike
-    order = [
-        (sampler, i) for i in range(n_steps) for sampler in (SAMPLERS if i % 2 == 0 else tuple(reversed(SAMPLERS)))
-    ]
+    # interleaved, ABBA order: a change in machine load hits every variant alike
+    order = [(v, i) for i in range(n_steps) for v in (variants if i % 2 == 0 else tuple(reversed(variants)))]
     device = args.device
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _rss_kib()
-    peak_reset = _reset_peak_rss()
-    times: dict[str, list[float]] = {sampler: [] for sampler in SAMPLERS}
-    losses: list[float] = []
+    peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    losses: dict[str, list[float]] = {v: [] for v in variants}
+    static = None  # memory with weights, gradients' absence and optimizer state: after the first step
     try:
-        for sampler, i in order:
+        for variant, i in order:
             if cuda:
                 torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            else:
+                _trim_heap()
+                before = _rss_kib() * 1024
+                _reset_peak_rss()
             started = time.perf_counter()
-            loss = trainer.training_step(model, batches[sampler][i])
+            loss = trainer.training_step(model, batches[variant][i])
             if args.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
@@ -310,44 +376,50 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
-            losses.append(float(loss))
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                static = torch.cuda.memory_allocated(device) / 2**30
+            else:
+                peak = (_peak_kib() * 1024 - before) / 2**30
+                static = 0.0
+            peaks[variant] = max(peaks[variant], peak)
+            losses[variant].append(float(loss))
             if i >= spec["warmup"]:
-                times[sampler].append(elapsed)
+                times[variant].append(elapsed)
     except torch.OutOfMemoryError as err:
         return {"error": f"out of memory: {str(err).splitlines()[0]}"}
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
 
     counts = parameter_counts(model)
     out: dict[str, Any] = {
-        "peak": peak,
-        "peak_reset": peak_reset,
         "trainable": counts["trainable"],
         "total": counts["total"],
         "optimizer": type(optimizer).__name__,
-        "loss_first_last": [losses[0], losses[-1]],
+        "static": static,
+        "peak_reset": _reset_peak_rss(),
+        "loss_first_last": {v: [losses[v][0], losses[v][-1]] for v in variants},
     }
-    for sampler in SAMPLERS:
-        timed = batches[sampler][spec["warmup"] :]
-        steps = times[sampler]
-        real = [int(b["attention_mask"].sum()) for b in timed]
-        padded = [b["attention_mask"].numel() for b in timed]
+    for variant in variants:
+        timed = batches[variant][spec["warmup"] :]
+        steps = times[variant]
+        real = [int(real_lengths(b).sum()) for b in timed]
+        through = [model_tokens(b) for b in timed]
         images = [int(b["image_sizes"].reshape(-1, 2).shape[0]) for b in timed]
         flops = [_batch_flops(b, flop_model) for b in timed]
         rates = [r / t for r, t in zip(real, steps, strict=True)]
-        out[sampler] = {
+        out[variant] = {
             "steps": len(steps),
             "step_s": statistics.median(steps),
             "tokens_s": statistics.median(rates),
             "tokens_s_min": min(rates),
             "tokens_s_max": max(rates),
             "images_s": statistics.median(i / t for i, t in zip(images, steps, strict=True)),
-            "padding_ratio": sum(padded) / sum(real),
-            "seq_lengths": [b["attention_mask"].shape[1] for b in timed],
+            "samples_per_batch": statistics.mean(images),
+            "padding_ratio": sum(through) / sum(real),
+            "largest_batch_tokens": max(model_tokens(b) for b in batches[variant]),
+            "seq_lengths": [int(b["input_ids"].shape[1]) for b in timed],
             "flop_s": statistics.median(f / t for f, t in zip(flops, steps, strict=True)),
-            "collate_s": collate_s[sampler],
+            "collate_s": collate_s[variant],
+            "peak": peaks[variant],
         }
     return out
 
@@ -378,6 +450,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for full-size configs")
     parser.add_argument("--model", default=None, help="an existing model folder (skips writing a random one)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="also run token-budget batches (padded and packed) at this budget"
+    )
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="accelerator peak for MFU (bf16 dense)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -392,6 +467,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
     cuda = args.device == "cuda"
+    variants = VARIANTS + (("budget-padded", "budget-packed") if args.max_tokens else ())
     with tempfile.TemporaryDirectory(prefix="phi3v-bench-train-") as tmp:
         root = Path(tmp)
         if args.model is not None:
@@ -421,6 +497,8 @@ def main() -> None:
                 "warmup": args.warmup,
                 "threads": args.threads,
                 "gradient_checkpointing": args.gradient_checkpointing,
+                "variants": list(variants),
+                "max_tokens": args.max_tokens,
             }
             print(f"... {mode}", file=sys.stderr, flush=True)
             results[mode] = run_worker(spec)
@@ -428,11 +506,12 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if cuda and torch.cuda.is_available() else describe()
     dtype = "bf16 autocast (lora: bf16 weights)" if cuda else "fp32"
     memory = "peak allocated GiB" if cuda else "peak RSS growth GiB"
-    print(f"# train step: {args.config}, {dtype}, SDPA, num_crops {args.num_crops}, batch {args.batch_size}, on {name}")
+    print(f"# train step: {args.config}, {dtype}, num_crops {args.num_crops}, batch {args.batch_size}, on {name}")
     print(
-        f"torch {torch.__version__}, {args.threads} threads; {args.steps} timed steps after {args.warmup} warm-up, "
-        f"medians [min-max]; one fresh process per mode, samplers' steps interleaved"
+        f"torch {torch.__version__}, {args.threads} threads; {args.steps} timed steps after {args.warmup} warm-up per "
+        f"variant, medians [min-max]; one fresh process per mode, variants' steps interleaved (ABBA)"
         + ("; gradient checkpointing" if args.gradient_checkpointing else "")
+        + (f"; token budget {args.max_tokens}" if args.max_tokens else "")
     )
     print(
         f"data: {rows} train rows (square/wide/tall photos), lengths {min(lengths)}-{max(lengths)} tokens; "
@@ -440,53 +519,70 @@ def main() -> None:
     )
     print()
     print(
-        f"| mode | batches | trainable / total params | padding ratio | step s | tokens/s | images/s "
+        f"| mode | batches | attention | samples / batch | padding ratio | step s | tokens/s | images/s "
         f"| model GFLOP/s | MFU | {memory} |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode in modes:
         if mode in skipped:
-            print(f"| {mode} | skipped: {skipped[mode]} | | | | | | | | |")
+            print(f"| {mode} | skipped: {skipped[mode]} | | | | | | | | | |")
             continue
         r = results[mode]
         if "error" in r:
-            print(f"| {mode} | {r['error']} | | | | | | | | |")
+            print(f"| {mode} | {r['error']} | | | | | | | | | |")
             continue
-        for sampler in SAMPLERS:
-            s = r[sampler]
-            label = "length-grouped" if sampler == "group_by_length" else "random"
-            mfu = f"{100 * s['flop_s'] / (args.peak_tflops * 1e12):.1f}%" if cuda else "—"
+        for variant in variants:
+            v = r[variant]
+            packed_rows = variant.endswith("packed")
+            kernel = ("varlen kernel" if cuda else "SDPA per sample") if packed_rows else "SDPA"
+            mfu = f"{100 * v['flop_s'] / (args.peak_tflops * 1e12):.1f}%" if cuda else "—"
             print(
-                f"| {mode} | {label} | {r['trainable']:,} / {r['total']:,} | {s['padding_ratio']:.3f} "
-                f"| {s['step_s']:.3f} | {s['tokens_s']:.0f} [{s['tokens_s_min']:.0f}-{s['tokens_s_max']:.0f}] "
-                f"| {s['images_s']:.2f} | {s['flop_s'] / 1e9:.1f} | {mfu} "
-                f"| {r['peak']:.3f}{' (both samplers)' if sampler == SAMPLERS[0] else ' (same run)'} |"
+                f"| {mode} | {variant} | {kernel} | {v['samples_per_batch']:.1f} | {v['padding_ratio']:.3f} "
+                f"| {v['step_s']:.3f} | {v['tokens_s']:.0f} [{v['tokens_s_min']:.0f}-{v['tokens_s_max']:.0f}] "
+                f"| {v['images_s']:.2f} | {v['flop_s'] / 1e9:.1f} | {mfu} | {v['peak']:.3f} |"
             )
     print()
-    print("| mode | padding grouped | padding random | tokens/s grouped / random | step s grouped / random |")
-    print("|---|---:|---:|---:|---:|")
+    print("| mode | tokens/s packed / padded (same batches) | grouped / random | peak packed / padded |")
+    print("|---|---:|---:|---:|")
     for mode in modes:
         r = results.get(mode, {})
         if not r or "error" in r:
             continue
-        grouped, rand = r[SAMPLERS[0]], r[SAMPLERS[1]]
+        grouped, packed_, rand = r["grouped"], r["packed"], r["random"]
         print(
-            f"| {mode} | {grouped['padding_ratio']:.3f} | {rand['padding_ratio']:.3f} "
-            f"| **{grouped['tokens_s'] / rand['tokens_s']:.2f}x** | {grouped['step_s'] / rand['step_s']:.2f} |"
+            f"| {mode} | **{packed_['tokens_s'] / grouped['tokens_s']:.2f}x** "
+            f"| {grouped['tokens_s'] / rand['tokens_s']:.2f}x | {packed_['peak'] / max(grouped['peak'], 1e-9):.2f} |"
         )
+    if args.max_tokens:
+        print()
+        print(
+            "| mode | budget variant | samples / batch | largest batch (tokens through the model) | tokens/s "
+            "| predicted peak GiB | measured peak GiB | measured / predicted |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for mode in modes:
+            r = results.get(mode, {})
+            if not r or "error" in r:
+                continue
+            # activation memory per token through the model, from the fixed-size padded run
+            per_token = (r["grouped"]["peak"] - r["static"]) / r["grouped"]["largest_batch_tokens"]
+            for variant in ("budget-padded", "budget-packed"):
+                v = r[variant]
+                predicted = r["static"] + per_token * args.max_tokens
+                print(
+                    f"| {mode} | {variant} | {v['samples_per_batch']:.1f} | {v['largest_batch_tokens']} "
+                    f"| {v['tokens_s']:.0f} | {predicted:.3f} | {v['peak']:.3f} | {v['peak'] / predicted:.2f} |"
+                )
     print()
     for mode, r in results.items():
         if "error" in r:
             continue
-        print(
-            f"{mode}: {r['optimizer']}, loss {r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f}"
-            + ("" if r["peak_reset"] or cuda else ", peak RSS not reset (no /proc/self/clear_refs)")
-        )
-        for sampler in SAMPLERS:
-            s = r[sampler]
+        print(f"{mode}: {r['optimizer']}" + ("" if r["peak_reset"] or cuda else ", peak RSS not reset"))
+        for variant in variants:
+            v = r[variant]
             print(
-                f"  {sampler}: padded lengths {s['seq_lengths']}, "
-                f"collate {s['collate_s']:.3f} s/batch (not in the step)"
+                f"  {variant}: loss {r['loss_first_last'][variant][0]:.3f} -> {r['loss_first_last'][variant][1]:.3f}, "
+                f"row lengths {v['seq_lengths']}, collate {v['collate_s']:.3f} s/batch (not in the step)"
             )
     print(
         f"total {time.perf_counter() - started:.0f} s; load average (1 min) {load_before:.2f} before, "

@@ -159,14 +159,22 @@ def test_packed_inputs_are_refused_with_eager_and_with_a_mask():
         pack_batch({**_padded(_samples([(5, [(1, 1)]), (9, [(1, 1)])])), "attention_mask": torch.tensor([[0, 1]])})
 
 
-def test_varlen_implementation_runs_sdpa_for_unpacked_calls():
-    """`phi3v_varlen` is registered with transformers; unpacked forwards (generation) are SDPA's exactly."""
+def test_varlen_implementation_is_sdpa_unpacked_and_the_block_mask_packed():
+    """`phi3v_varlen` (registered with transformers): unpacked forwards (generation) are SDPA's exactly; packed rows
+    (SDPA sample by sample off CUDA) give the block-diagonal mask's logits and gradients."""
     name = packed.register_varlen_attention()
-    sdpa, varlen = tiny_model(seed=4), tiny_model(seed=4, attn_implementation=name)
-    batch = _padded(_samples([(10, [(1, 1)]), (30, [(1, 2)])]))
-    batch.pop("labels")
+    sdpa, varlen = tiny_model(seed=4).train(), tiny_model(seed=4, attn_implementation=name).train()
+    batch = _padded(_samples([(10, [(1, 1)]), (30, [(1, 2)]), (3, [(2, 1)])]))
+    unpacked = {key: value for key, value in batch.items() if key != "labels"}
     with torch.no_grad():
-        assert torch.equal(sdpa(**batch).logits, varlen(**batch).logits)
+        assert torch.equal(sdpa(**unpacked).logits, varlen(**unpacked).logits)
+    pack = pack_batch(batch)
+    out_mask, grads_mask = _run(sdpa, pack)
+    out_varlen, grads_varlen = _run(varlen, pack)
+    assert torch.allclose(out_mask.logits, out_varlen.logits, atol=1e-5)
+    assert abs(float(out_mask.loss.detach()) - float(out_varlen.loss.detach())) < 1e-6
+    for key, grad in grads_mask.items():
+        assert torch.allclose(grad, grads_varlen[key], atol=1e-5, rtol=0), key
 
 
 def test_block_causal_mask_is_causal_within_samples_only():

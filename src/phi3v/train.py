@@ -136,8 +136,8 @@ class TrainConfig:
         model_dtype: Weights' dtype: ``auto`` = bfloat16 for (q)lora with ``bf16``, else float32 (mixed precision
             keeps fp32 master weights); ``bfloat16`` / ``float32`` to choose.
         attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2`` or ``varlen`` (SDPA, with packed
-            rows through torch's variable-length flash kernels; CUDA, bf16). With ``packing`` on a CUDA bf16 run,
-            ``sdpa`` becomes ``varlen`` where torch has the kernels.
+            rows through torch's variable-length flash kernels on CUDA in bf16, SDPA sample by sample elsewhere).
+            With ``packing``, ``sdpa`` becomes ``varlen``.
         packing: Train on padding-free batches: each batch's samples concatenated into one row, positions, longrope
             factor and attention per sample (exact; `phi3v.model.packed`). Evaluation loss batches are packed too;
             generation never is.
@@ -248,13 +248,6 @@ def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
             f"{local_processes} processes per node but {torch.cuda.device_count()} visible GPU(s): each process "
             "needs a GPU of its own (NCCL refuses two ranks on one GPU). Set --nproc_per_node to the GPU count."
         )
-    if config.attn_implementation == "varlen" and (args.use_cpu or not varlen_available()):
-        missing = "a CUDA GPU" if not torch.cuda.is_available() or args.use_cpu else "torch.nn.attention.varlen"
-        raise TrainingError(
-            "attn_implementation varlen runs torch's variable-length flash kernels (torch.nn.attention.varlen, "
-            f"torch >= 2.10) on a CUDA GPU; this run has no {missing}. Use sdpa (packing then uses an exact "
-            "block-diagonal mask)."
-        )
     if (args.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true") and not torch.cuda.is_available():
         raise TrainingError(
             "FSDP needs CUDA devices: on CPU, accelerate silently falls back to DDP. Drop fsdp for CPU runs."
@@ -324,10 +317,12 @@ def _budget_sampler(config: TrainConfig, args: TrainingArguments, lengths: list[
 
 
 def attention_for_run(config: TrainConfig, args: TrainingArguments) -> str:
-    """The attention implementation the model loads with: packed CUDA bf16/fp16 runs get torch's varlen kernels."""
-    half = args.bf16 or args.fp16 or _model_dtype(config, args) != torch.float32
-    if config.packing and config.attn_implementation == "sdpa" and not args.use_cpu and half and varlen_available():
-        logger.info("packing on CUDA: packed rows use torch's variable-length flash kernels (attn varlen)")
+    """The attention implementation the model loads with: a packed run's ``sdpa`` becomes ``varlen`` (torch's
+    varlen flash kernels on CUDA in half precision, SDPA sample by sample elsewhere; unpacked calls stay SDPA)."""
+    if config.packing and config.attn_implementation == "sdpa":
+        half = args.bf16 or args.fp16 or _model_dtype(config, args) != torch.float32
+        kernels = "torch's variable-length flash kernels" if half and not args.use_cpu and varlen_available() else None
+        logger.info("packing: packed rows use %s (attn varlen)", kernels or "SDPA sample by sample")
         return "varlen"
     return config.attn_implementation
 

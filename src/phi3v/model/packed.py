@@ -13,10 +13,11 @@ A packed batch is one row of ``N = sum(lengths)`` tokens holding the samples bac
 3. **Attention that never crosses samples** — by implementation:
    - ``sdpa`` (any device; exact, for tests and CPUs): a block-diagonal causal boolean mask ``[1, 1, N, N]``
      (`block_causal_mask`), passed to transformers' SDPA attention;
-   - ``phi3v_varlen`` (CUDA, bf16/fp16): PyTorch's own variable-length flash kernels,
-     `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10; no flash-attn package), registered with transformers'
-     `AttentionInterface` by `register_varlen_attention`. Unpacked calls of that implementation (generation,
-     evaluation) run transformers' SDPA attention unchanged;
+   - ``phi3v_varlen`` (``attn_implementation: varlen``; what a packed run uses): on CUDA in bf16/fp16 PyTorch's own
+     variable-length flash kernels, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10; no flash-attn package);
+     elsewhere SDPA sample by sample (causal, no mask: the attention work is sum(l_i^2), not N^2). Registered with
+     transformers' `AttentionInterface` by `register_varlen_attention`. Unpacked calls of that implementation
+     (generation, evaluation) run transformers' SDPA attention unchanged;
    - ``flash_attention_2`` (flash-attn installed): transformers' own varlen path, from the ``cu_seq_lens_q/k`` and
      ``max_length_q/k`` keyword arguments.
    ``eager`` has no packed path (its additive float mask is built by transformers from a padding mask, which a
@@ -30,6 +31,7 @@ either for a model whose images are written into the embeddings.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 
 import torch
@@ -106,7 +108,8 @@ def packed_attention_inputs(
 
 # --------------------------------------------------------------------------------------------- varlen kernels
 def varlen_available() -> bool:
-    """True where torch has `torch.nn.attention.varlen.varlen_attn` and a CUDA device."""
+    """True where torch has `torch.nn.attention.varlen.varlen_attn` and a CUDA device (else `varlen_attention_forward`
+    runs SDPA sample by sample)."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
@@ -128,7 +131,8 @@ def varlen_attention_forward(
     max_length_k: int | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: packed rows through `varlen_attn`, everything else through SDPA.
+    """transformers attention function: packed rows through `varlen_attn` (CUDA, half precision) or SDPA per sample,
+    everything else through transformers' SDPA.
 
     Args:
         query: ``[1, H, N, hd]``; key / value ``[1, H_kv, N, hd]`` (transformers' layout).
@@ -143,10 +147,15 @@ def varlen_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if dropout:
+        raise ValueError("packed attention has no dropout; set attention_dropout to 0")
+    if query.is_cuda and query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        half = torch.get_autocast_dtype("cuda")  # fp32 master weights under bf16 autocast: the kernels take half
+        query, key, value = query.to(half), key.to(half), value.to(half)
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and varlen_available()):
+        return _attention_per_sample(query, key, value, cu_seq_lens_q, scaling), None
     from torch.nn.attention.varlen import varlen_attn
 
-    if dropout:
-        raise ValueError("varlen attention has no dropout; set attention_dropout to 0")
     q = query[0].transpose(0, 1)  # [N, H, hd]
     k = key[0].transpose(0, 1)  # [N, H_kv, hd]
     v = value[0].transpose(0, 1)
@@ -160,6 +169,21 @@ def varlen_attention_forward(
         options["enable_gqa"] = True
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **options)  # [N, H, hd]
     return out[None], None  # [1, N, H, hd]
+
+
+def _attention_per_sample(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Causal SDPA over each sample's slice (exact; one host read of ``cu_seq_lens``). Returns ``[1, N, H, hd]``."""
+    bounds = cu_seq_lens.tolist()
+    gqa = key.shape[1] != query.shape[1]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=gqa
+        )  # [1, H, l_i, hd]
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()  # [1, N, H, hd]
 
 
 def register_varlen_attention() -> str:
