@@ -13,6 +13,22 @@ import pytest
 from train_helpers import tiny_config_args
 
 
+def _torchrun_train(args: list[str], out: Path) -> dict:
+    """`phi3v train` under `torchrun --nproc_per_node 2`; its training_summary.json."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # CPU and gloo on every machine: two ranks on a one-GPU machine would otherwise share its GPU (NCCL refuses)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "phi3v.cli", "train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads((out / "training_summary.json").read_text())
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "ddp"
@@ -28,18 +44,7 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_model_dir, tiny_datas
         per_device_eval_batch_size=2,
         eval_samples=3,  # odd: one rank answers 2, the other 1 (plus a lock-step pad)
     )
-    torchrun = Path(sys.executable).with_name("torchrun")
-    # CPU and gloo on every machine: two ranks on a one-GPU machine would otherwise share its GPU (NCCL refuses)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "phi3v.cli", "train", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    summary = json.loads((out / "training_summary.json").read_text())
+    summary = _torchrun_train(args, out)
     assert summary["world_size"] == 2
     digests = summary["rank_parameter_digests"]
     assert len(digests) == 2 and digests[0] is not None and digests[0] == digests[1]
@@ -54,3 +59,41 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_model_dir, tiny_datas
     logged = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     train_logs = [row for row in logged if "loss" in row]
     assert len(train_logs) == 3 and all(row["padding_ratio"] >= 1.0 for row in train_logs)
+
+
+@pytest.mark.slow
+def test_ddp_packed_token_budget_epoch_gives_both_ranks_the_same_batches(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """An odd number of token-budget batches over 2 ranks: accelerate repeats one, both ranks take the same number of
+    steps (a rank with one batch more would hang the other in all-reduce) and end with the same weights."""
+    from phi3v.data.collate import load_prepared_dataset, sequence_lengths
+    from phi3v.data.packing import TokenBudgetBatchSampler
+    from phi3v.metrics import DEFAULT_PROMPT, AnswerTemplate
+    from phi3v.model.processing import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(tiny_model_dir)
+    split = load_prepared_dataset(tiny_dataset_dir)["train"]
+    prompt = processor.apply_chat_template([{"role": "user", "content": DEFAULT_PROMPT}], add_generation_prompt=True)
+    lengths = sequence_lengths(split, processor, prompt, AnswerTemplate())
+    budget = next(b for b in range(2400, 6000, 100) if len(TokenBudgetBatchSampler(lengths, b, packed=True)) % 2)
+    batches = len(TokenBudgetBatchSampler(lengths, budget, packed=True))
+
+    out = tmp_path / "ddp-packed"
+    args = tiny_config_args(
+        tiny_model_dir,
+        tiny_dataset_dir,
+        out,
+        mode="full",
+        packing=True,
+        max_tokens_per_batch=budget,
+        num_train_epochs=1,
+        eval_strategy="no",
+        save_strategy="no",
+    )
+    summary = _torchrun_train(args, out)
+    assert summary["global_step"] == (batches + 1) // 2  # round-robin, the last round completed
+    digests = summary["rank_parameter_digests"]
+    assert len(digests) == 2 and digests[0] is not None and digests[0] == digests[1]
+    logged = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    train_logs = [row for row in logged if "loss" in row]
+    assert all(row["padding_ratio"] == 1.0 for row in train_logs)
+    assert max(row["tokens_per_batch"] for row in train_logs) <= budget
