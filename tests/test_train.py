@@ -238,8 +238,10 @@ def _train_process(args: list[str], env_extra: dict[str, str] | None = None, **k
         ({}, 4),
         # packed rows under a token budget (8-10 batches an epoch): killed in the second epoch
         ({"packing": True, "max_tokens_per_batch": 3000, "max_steps": 16}, 12),
+        ({"packing": True, "max_steps": 12}, 10),  # packed, fixed batch size: 10 batches an epoch
+        ({"max_tokens_per_batch": 2400, "max_steps": 16}, 14),  # padded under a budget: about 12 batches an epoch
     ],
-    ids=["padded", "packed-budget"],
+    ids=["padded", "packed-budget", "packed", "padded-budget"],
 )
 def test_sigkill_then_resume_matches_an_uninterrupted_run(
     tiny_model_dir, tiny_dataset_dir, tmp_path, extra, kill_after
