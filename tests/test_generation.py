@@ -107,3 +107,62 @@ def test_generated_tokens_are_counted_up_to_the_end_token():
 
     new = torch.tensor([[5, 5, 5, 5], [5, 6, 5, 5], [3, 9, 9, 9]])  # no end; ends at 2; ends at 1
     assert _count_until_end(new, [6, 3]) == 4 + 2 + 1
+
+
+@pytest.fixture(scope="module")
+def phi3_sized():
+    """A tiny random model with Phi-3's 32,064-logit vocabulary and a byte-level BPE trained to ~32k tokens here."""
+    import random
+
+    from phi3v.model.configuration import Phi3VConfig
+    from phi3v.model.image_processing import Phi3VImageProcessor
+    from phi3v.model.modeling import Phi3VForCausalLM
+    from phi3v.model.processing import Phi3VProcessor
+    from phi3v.model.tokenizer import default_corpus, train_tokenizer
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(24000)] * 3
+    rng.shuffle(words)  # every word three times: BPE merges them whole
+    corpus = [*default_corpus(), *(" ".join(words[i : i + 12]) for i in range(0, len(words), 12))]
+    tokenizer = train_tokenizer(corpus, vocab_size=32064)
+    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=1), tokenizer)
+    torch.manual_seed(0)
+    config = Phi3VConfig.from_name("tiny", vocab_size=32064)
+    config.image_token_id = processor.image_token_id
+    config._attn_implementation = "sdpa"
+    model = Phi3VForCausalLM(config).eval()
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<|image_1|>What is shown in this image?"}])
+    return model, processor, prompt
+
+
+def test_constrained_answers_close_within_64_tokens_with_a_phi3_sized_vocabulary(phi3_sized, make_image):
+    """200 answers of a random-weight model (the grammar does all the work): all parse, every category from the
+    vocabulary, every answer complete (its end token) within the default 64 new tokens."""
+    model, processor, prompt = phi3_sized
+    assert len(processor.tokenizer) > 20000, len(processor.tokenizer)  # a vocabulary of Phi-3's order
+    categories = ["BAGS", "COATS", "HATS", "SCARVES", "SHIRTS", "SHOES", "TROUSERS", "READY-TO-WEAR"]
+    constraint = TemplateConstraint(
+        AnswerTemplate(), processor.tokenizer, categories, end_token_ids(processor), title_max_chars=200
+    )  # a 200-character title alone would not fit in 64 tokens: the budget rule must close it
+    images = [make_image(64 + 8 * (i % 5), 64 + 8 * (i % 3), seed=i) for i in range(200)]
+    result = generate_answers(
+        model,
+        processor,
+        prompt,
+        range(200),
+        images.__getitem__,
+        batch_size=25,
+        max_new_tokens=64,
+        constraint=constraint,
+    )
+    template = AnswerTemplate()
+    assert sorted(result.answers) == list(range(200)) and not result.failures
+    assert not result.truncated  # every answer's end token came within the 64 new tokens
+    for answer in result.answers.values():
+        parsed = template.parse(answer)
+        assert parsed.ok and parsed.category in categories and parsed.price is not None, answer
+        assert constraint.state(answer) == "complete", answer
+    assert result.new_tokens <= 64 * 200
+    titles = {template.parse(a).title for a in result.answers.values()}
+    assert len(titles) > 100  # the model, not the grammar, chose the titles
