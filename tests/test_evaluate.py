@@ -14,6 +14,7 @@ import pytest
 
 from phi3v.cli import main
 from phi3v.evaluate import EvaluateOptions, evaluate, image_gains
+from phi3v.report import verdicts
 from test_docs import documented_commands
 from train_helpers import tiny_config_args
 from wandb_reader import isolate_tracking_env, read_summary, read_tables
@@ -35,10 +36,14 @@ def test_a_garbage_model_gets_a_report_that_says_so(garbage_run):
     results, out = garbage_run.results, Path(garbage_run.files["html"]).parent
     assert results["model_kind"] == "base"
     assert results["metrics"]["parse_rate"] == 0 and results["counts"]["parse_failures"] == results["counts"]["rows"]
-    assert math.isnan(results["metrics"]["price_ape_median"]), "parse failures are not priced (never as 0)"
-    assert results["metrics"]["price_n"] == 0 and results["metrics"]["category_accuracy"] == 0
+    # every row is scored, a missing price as a prediction of 0: the worst APE a low guess can get, the worst SMAPE
+    metrics = results["metrics"]
+    assert (metrics["price_ape_median"], metrics["price_mape"], metrics["price_smape"]) == (1.0, 1.0, 2.0)
+    assert metrics["price_within_25"] == 0.0 and metrics["price_coverage"] == 0.0
+    assert math.isnan(metrics["price_ape_median_parsed"]), "no price was given: nothing to score on its own"
+    assert metrics["price_n"] == 0 and metrics["category_accuracy"] == 0
     saved = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN became null
-    assert saved["metrics"]["price_ape_median"] is None
+    assert saved["metrics"]["price_ape_median_parsed"] is None and saved["metrics"]["price_smape"] == 2.0
     html = (out / "report.html").read_text()
     markdown = (out / "report.md").read_text()
     for text in (html, markdown):
@@ -57,10 +62,30 @@ def test_baselines_are_scored_on_the_same_rows(garbage_run, tiny_dataset_dir):
     assert set(baselines) == {
         "global_median_price",
         "category_median_price",
+        "category_mape_optimal_price",
+        "category_median_ape_optimal_price",
+        "category_smape_optimal_price",
+        "category_within_10_optimal_price",
+        "category_within_25_optimal_price",
+        "category_rmsle_optimal_price",
         "majority_category",
         "most_frequent_title",
     }
     assert all(b["metrics"]["n"] == len(test) for b in baselines.values())
+    priced = {name: b for name, b in baselines.items() if b["fields"] == ["price"]}
+    assert all(b["metrics"]["price_coverage"] == 1.0 for b in priced.values())  # a baseline prices every row
+    assert all(b["metric"] in b["metrics"] for b in priced.values())  # the score its verdict compares
+    assert {b["optimal_for"] for name, b in priced.items() if name.endswith("_optimal_price")} == {
+        "price_mape",
+        "price_ape_median",
+        "price_smape",
+        "price_within_10",
+        "price_within_25",
+        "price_rmsle",
+    }
+    # the model (no price anywhere) beats none of them on the same rows: every verdict on price says so
+    price_verdicts = [s for s in verdicts(garbage_run.results) if " baseline on price " in s]
+    assert len(price_verdicts) == len(priced) and all("does not beat" in s for s in price_verdicts)
     median = statistics.median(train["price"])
     expected = statistics.median(abs(median - price) / price for price in test["price"])
     assert baselines["global_median_price"]["metrics"]["price_ape_median"] == pytest.approx(expected)

@@ -178,7 +178,9 @@ def test_the_model_card_reports_the_run_and_its_metrics(lora_run, lora_export):
     assert json.loads((lora_export / "eval_metrics.json").read_text()) == metrics
     parse_rate = f"| parse rate | {100 * metrics['metrics']['parse_rate']:.1f} % |"
     accuracy = f"| category accuracy | {100 * metrics['metrics']['category_accuracy']:.1f} % |"
-    assert parse_rate in card and accuracy in card
+    smape = f"| price SMAPE (0 to 200 %) | {100 * metrics['metrics']['price_smape']:.1f} % |"
+    assert parse_rate in card and accuracy in card and smape in card
+    assert "a row without a price is scored as a predicted price of 0" in card
     assert f"{metrics['counts']['scored']} of {metrics['counts']['rows']} rows scored" in card
     assert "majority_category" in card
     assert f"final training loss {summary['train_loss']:.4f}" in card and "`lora`" in card

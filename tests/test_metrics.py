@@ -1,13 +1,21 @@
-"""Answer templates (format + parse) and the scores of parsed answers, on hand-computed examples."""
+"""Answer templates (format + parse) and the scores of parsed answers, on hand-computed examples; the optimal
+constants of the baselines against brute force."""
 
 from __future__ import annotations
 
 import math
+import random
+import statistics
 
+import numpy as np
 import pytest
 
 from phi3v.metrics import (
     DEFAULT_ANSWER_TEMPLATE,
+    HIGHER_IS_BETTER,
+    OPTIMAL_BASELINES,
+    PRICE_SCORES,
+    SPLIT_OPTIMAL,
     AnswerTemplate,
     Baseline,
     ParsedAnswer,
@@ -15,9 +23,12 @@ from phi3v.metrics import (
     category_matches,
     category_metrics,
     confusion_matrix,
+    optimal_constant,
+    parse_answer_price,
     per_category,
     price_ape,
     price_metrics,
+    price_smape,
     sample_scores,
     score_predictions,
     title_metrics,
@@ -26,17 +37,16 @@ from phi3v.metrics import (
 ROW = {"title": "Vintage Check, Cotton Scarf", "category": "SCARVES", "price": 1250.0, "id": "x"}
 NOTHING = ParsedAnswer(None, None, None)
 
-PRICE_KEYS = [
-    "price_n",
-    "price_coverage",
+PRICE_SCORE_KEYS = [
     "price_mae",
     "price_mape",
     "price_smape",
     "price_ape_median",
     "price_within_10",
     "price_within_25",
-    "price_rmse_log",
+    "price_rmsle",
 ]
+PRICE_KEYS = ["price_n", "price_coverage", *PRICE_SCORE_KEYS, *(f"{key}_parsed" for key in PRICE_SCORE_KEYS)]
 CATEGORY_KEYS = ["category_accuracy", "category_macro_f1"]
 TITLE_KEYS = ["title_exact_match", "title_similarity", "title_token_f1"]
 
@@ -62,19 +72,29 @@ def test_default_template_round_trips_titles_with_commas():
         ("  Product:  A,  Category: B,   Full Price: 89.9 ", 89.9),
         ("Product: A, Category: B, Full Price: cheap", None),
         ("Product: A, Category: B, Full Price: 12 or 13", None),  # two numbers: no guess
-        ("Product: A, Category: B, Full Price: 0", None),  # not a positive price
+        ("Product: A, Category: B, Full Price: 0", 0.0),  # a zero is a prediction (scored: APE 1), not missing
+        ("Product: A, Category: B, Full Price: $0.00", 0.0),
+        ("Product: A, Category: B, Full Price: -50", None),  # a sign: unreadable, so missing (scored as 0)
+        ("Product: A, Category: B, Full Price: -0", None),
+        ("Product: A, Category: B, Full Price: 0 or 0", None),
         ("Product: A, Category: B, Full Price: ", None),
         # the fallback (the strict template does not match) reads the same prices
         ("product: A,  category : B,  full  price :  $1,290.00", 1290.0),
         ("PRODUCT: A; CATEGORY: B; FULL PRICE: USD 1 290;", 1290.0),
-        ("Product: A\nCategory: B\nFull Price: 0", None),
+        ("Product: A\nCategory: B\nFull Price: 0", 0.0),
     ],
 )
-def test_prices_parse_as_one_positive_number(answer, price):
+def test_prices_parse_as_one_number_of_at_least_zero(answer, price):
     parsed = AnswerTemplate().parse(answer)
     assert (parsed.title, parsed.category, parsed.price) == ("A", "B", price)
     assert parsed.ok is (price is not None)
     assert parsed.missing == (() if price is not None else ("price",))
+
+
+def test_answer_prices_read_zero_and_nothing_else_catalog_parsing_refuses():
+    assert [parse_answer_price(text) for text in ("0", "00", "0.0", "0,00", "USD 0", "$ 0")] == [0.0] * 6
+    assert [parse_answer_price(text) for text in ("-0", "+0", "0e3", "0 or 0", "zero", "0-0", "")] == [None] * 7
+    assert parse_answer_price("0.50") == 0.5 and parse_answer_price("$1,290") == 1290.0
 
 
 @pytest.mark.parametrize(
@@ -173,32 +193,55 @@ def test_bad_templates_are_refused(template, message):
 
 # ------------------------------------------------------------------------------------------------------- price
 def test_price_metrics_on_a_hand_worked_example():
-    # sample | p    | t   | |p-t| | APE  | sMAPE 2|p-t|/(p+t)   | ln p - ln t
-    # 1      | 110  | 100 | 10    | 0.10 | 20/210  = 0.0952381 | ln 1.1  =  0.0953102
-    # 2      | 150  | 200 | 50    | 0.25 | 100/350 = 0.2857143 | ln 0.75 = -0.2876821
-    # 3      | None | 300 | (not scored: no price)
-    # 4      | 800  | 400 | 400   | 1.00 | 800/1200 = 0.6666667 | ln 2    =  0.6931472
-    scores = price_metrics([110.0, 150.0, None, 800.0], [100.0, 200.0, 300.0, 400.0])
+    # sample | p    | t   | scored s | |s-t| | APE  | sMAPE 2|s-t|/(s+t)   | ln(1+s) - ln(1+t)
+    # 1      | 110  | 100 | 110      | 10    | 0.10 | 20/210  = 0.0952381 | ln(111/101) =  0.0944085
+    # 2      | 150  | 200 | 150      | 50    | 0.25 | 100/350 = 0.2857143 | ln(151/201) = -0.2860179
+    # 3      | None | 300 | 0        | 300   | 1.00 | 2 (the maximum)     | ln(1/301)   = -5.7071103
+    # 4      | 800  | 400 | 800      | 400   | 1.00 | 800/1200 = 0.6666667 | ln(801/401) =  0.6918980
+    # 5      | 0    | 500 | 0        | 500   | 1.00 | 2                   | ln(1/501)   = -6.2166061
+    # 6      | -50  | 600 | 0        | 600   | 1.00 | 2 (unusable: scored as missing) | ln(1/601) = -6.3985949
+    scores = price_metrics([110.0, 150.0, None, 800.0, 0.0, -50.0], [100.0, 200.0, 300.0, 400.0, 500.0, 600.0])
     assert list(scores) == PRICE_KEYS
-    assert scores["price_n"] == 3 and isinstance(scores["price_n"], int)
-    assert scores["price_coverage"] == pytest.approx(0.75)  # 3 / 4
-    assert scores["price_mae"] == pytest.approx(460 / 3)  # (10 + 50 + 400) / 3 = 153.333
-    assert scores["price_mape"] == pytest.approx(0.45)  # (0.10 + 0.25 + 1.00) / 3
-    assert scores["price_smape"] == pytest.approx(0.3492063, rel=1e-6)  # (0.0952381 + 0.2857143 + 0.6666667) / 3
-    assert scores["price_ape_median"] == pytest.approx(0.25)  # median of 0.10, 0.25, 1.00
-    assert scores["price_within_10"] == pytest.approx(1 / 3)  # only the 10 % one (the boundary counts)
-    assert scores["price_within_25"] == pytest.approx(2 / 3)  # 0.10 and 0.25
-    # sqrt((0.0953102^2 + 0.2876821^2 + 0.6931472^2) / 3) = sqrt((0.0090840 + 0.0827610 + 0.4804530) / 3)
-    #   = sqrt(0.1907660) = 0.4367677
-    assert scores["price_rmse_log"] == pytest.approx(0.4367677, rel=1e-6)
+    # usable: 110, 150, 800 and the zero (a real prediction); None and -50 are not
+    assert scores["price_n"] == 4 and isinstance(scores["price_n"], int)
+    assert scores["price_coverage"] == pytest.approx(4 / 6)
+    # over all six rows
+    assert scores["price_mae"] == pytest.approx((10 + 50 + 300 + 400 + 500 + 600) / 6)
+    assert scores["price_mape"] == pytest.approx((0.10 + 0.25 + 4 * 1.0) / 6)
+    assert scores["price_ape_median"] == pytest.approx(1.0)  # sorted 0.10 0.25 1 1 1 1: (1 + 1) / 2
+    assert scores["price_smape"] == pytest.approx((0.0952381 + 0.2857143 + 2 + 0.6666667 + 2 + 2) / 6, rel=1e-6)
+    assert scores["price_within_10"] == pytest.approx(1 / 6)  # the boundary counts
+    assert scores["price_within_25"] == pytest.approx(2 / 6)
+    squares = [0.0944085, -0.2860179, -5.7071103, 0.6918980, -6.2166061, -6.3985949]
+    assert scores["price_rmsle"] == pytest.approx(math.sqrt(sum(x * x for x in squares) / 6), rel=1e-6)
+    # over the four usable prices: 110, 150, 800 and 0
+    assert scores["price_mae_parsed"] == pytest.approx((10 + 50 + 400 + 500) / 4)
+    assert scores["price_mape_parsed"] == pytest.approx((0.10 + 0.25 + 1.0 + 1.0) / 4)
+    assert scores["price_ape_median_parsed"] == pytest.approx((0.25 + 1.0) / 2)  # 0.10 0.25 1 1
+    assert scores["price_smape_parsed"] == pytest.approx((0.0952381 + 0.2857143 + 0.6666667 + 2) / 4, rel=1e-6)
+    assert scores["price_within_10_parsed"] == pytest.approx(1 / 4)
+    assert scores["price_within_25_parsed"] == pytest.approx(2 / 4)
+    parsed_squares = [0.0944085, -0.2860179, 0.6918980, -6.2166061]
+    assert scores["price_rmsle_parsed"] == pytest.approx(math.sqrt(sum(x * x for x in parsed_squares) / 4), rel=1e-6)
 
 
-def test_price_metrics_without_any_price_are_nan():
-    scores = price_metrics([None, None], [100.0, 200.0])
-    assert scores["price_n"] == 0 and scores["price_coverage"] == 0.0
-    assert all(math.isnan(scores[key]) for key in PRICE_KEYS[2:])
+def test_a_missing_price_scores_as_a_prediction_of_zero():
+    """Missing, NaN, infinite, negative and zero predictions all score as 0; a zero is counted as priced."""
+    true = [100.0, 250.0]
+    zero = price_metrics([0.0, 0.0], true)
+    for predicted in ([None, None], [math.nan, math.inf], [-1.0, -math.inf]):
+        scores = price_metrics(predicted, true)
+        assert scores["price_n"] == 0 and scores["price_coverage"] == 0.0
+        assert {key: scores[key] for key in PRICE_SCORE_KEYS} == {key: zero[key] for key in PRICE_SCORE_KEYS}
+        assert all(math.isnan(scores[f"{key}_parsed"]) for key in PRICE_SCORE_KEYS)
+    assert zero["price_n"] == 2 and zero["price_coverage"] == 1.0
+    assert (zero["price_mape"], zero["price_ape_median"], zero["price_smape"]) == (1.0, 1.0, 2.0)
+    assert (zero["price_within_10"], zero["price_within_25"]) == (0.0, 0.0)
+    assert zero["price_mae"] == pytest.approx(175.0)
+    assert zero["price_rmsle"] == pytest.approx(math.sqrt((math.log(101) ** 2 + math.log(251) ** 2) / 2))
+    assert zero["price_smape_parsed"] == 2.0
     empty = price_metrics([], [])
-    assert empty["price_n"] == 0 and math.isnan(empty["price_coverage"])
+    assert empty["price_n"] == 0 and all(math.isnan(empty[key]) for key in PRICE_KEYS[1:])
 
 
 def test_price_metrics_refuse_bad_input():
@@ -210,7 +253,9 @@ def test_price_metrics_refuse_bad_input():
 
 def test_single_price_error_and_category_match():
     assert price_ape(110.0, 100.0) == pytest.approx(0.1)
-    assert price_ape(None, 100.0) is None
+    assert price_ape(None, 100.0) is None and price_ape(-5.0, 100.0) is None
+    assert price_ape(0.0, 100.0) == 1.0 and price_smape(0.0, 100.0) == 2.0
+    assert price_smape(150.0, 200.0) == pytest.approx(100 / 350) and price_smape(None, 1.0) is None
     assert category_matches(" bags ", "BAGS") and not category_matches(None, "BAGS")
 
 
@@ -306,17 +351,23 @@ def test_scores_on_a_hand_worked_example():
     assert list(scores) == ["n", "parse_rate", "parse_failures", *TITLE_KEYS, *CATEGORY_KEYS, *PRICE_KEYS]
     assert scores["n"] == 3 and scores["parse_failures"] == 1
     assert scores["parse_rate"] == pytest.approx(2 / 3)
-    # price over the 2 parsed: APE 0.10 and 0.25
+    # price over all 3 rows, the unparsed one scored as a prediction of 0: APE 0.10, 0.25, 1
     assert scores["price_n"] == 2
     assert scores["price_coverage"] == pytest.approx(2 / 3)
-    assert scores["price_mae"] == pytest.approx(30.0)  # (10 + 50) / 2
-    assert scores["price_mape"] == pytest.approx(0.175)  # (0.10 + 0.25) / 2
-    assert scores["price_ape_median"] == pytest.approx(0.175)  # median of two = their mean
-    assert scores["price_smape"] == pytest.approx((20 / 210 + 100 / 350) / 2)
-    assert scores["price_within_10"] == pytest.approx(0.5)
-    assert scores["price_within_25"] == pytest.approx(1.0)
-    # sqrt((0.0953102^2 + 0.2876821^2) / 2) = sqrt(0.0459225) = 0.2142953
-    assert scores["price_rmse_log"] == pytest.approx(0.2142953, rel=1e-6)
+    assert scores["price_mae"] == pytest.approx(460 / 3)  # (10 + 50 + 400) / 3
+    assert scores["price_mape"] == pytest.approx(1.35 / 3)  # (0.10 + 0.25 + 1) / 3
+    assert scores["price_ape_median"] == pytest.approx(0.25)
+    assert scores["price_smape"] == pytest.approx((20 / 210 + 100 / 350 + 2) / 3)
+    assert scores["price_within_10"] == pytest.approx(1 / 3)
+    assert scores["price_within_25"] == pytest.approx(2 / 3)
+    # ln(111/101) = 0.0944085, ln(151/201) = -0.2860179, ln(1/401) = -5.9939614
+    assert scores["price_rmsle"] == pytest.approx(math.sqrt((0.0944085**2 + 0.2860179**2 + 5.9939614**2) / 3), rel=1e-6)
+    # the 2 parsed alone
+    assert scores["price_mae_parsed"] == pytest.approx(30.0)  # (10 + 50) / 2
+    assert scores["price_mape_parsed"] == pytest.approx(0.175)
+    assert scores["price_ape_median_parsed"] == pytest.approx(0.175)  # median of two = their mean
+    assert scores["price_smape_parsed"] == pytest.approx((20 / 210 + 100 / 350) / 2)
+    assert scores["price_within_10_parsed"] == 0.5 and scores["price_within_25_parsed"] == 1.0
     # category: 1 of 3 right; labels scarves (F1 1), bags, coats, shoes (F1 0 each) -> macro 1/4
     assert scores["category_accuracy"] == pytest.approx(1 / 3)
     assert scores["category_macro_f1"] == pytest.approx(0.25)
@@ -335,7 +386,8 @@ def test_scores_need_matching_non_empty_inputs():
         score_predictions([NOTHING], [ROW], fields=["colour"])
     scores = score_predictions([NOTHING], [ROW])
     assert scores["price_n"] == 0 and scores["price_coverage"] == 0.0
-    assert math.isnan(scores["price_mae"]) and math.isnan(scores["price_rmse_log"])
+    assert scores["price_mae"] == 1250.0 and scores["price_smape"] == 2.0  # missing: scored as a prediction of 0
+    assert math.isnan(scores["price_mae_parsed"]) and math.isnan(scores["price_rmsle_parsed"])
     assert scores["parse_rate"] == 0.0 and scores["parse_failures"] == 1
     assert DEFAULT_ANSWER_TEMPLATE.startswith("Product: {title}")
 
@@ -375,7 +427,8 @@ def test_per_category():
     assert (scarves["n"], scarves["parse_failures"], scarves["parse_rate"]) == (2, 1, 0.5)
     assert scarves["category_accuracy"] == 0.5
     assert (scarves["price_n"], scarves["price_coverage"]) == (1, 0.5)
-    assert scarves["price_mape"] == pytest.approx(0.1)  # only the parsed 110 vs 100
+    assert scarves["price_mape"] == pytest.approx(0.55)  # 110 vs 100 and the unparsed one: (0.1 + 1) / 2
+    assert scarves["price_mape_parsed"] == pytest.approx(0.1)  # only the parsed 110 vs 100
     assert scarves["title_exact_match"] == 0.5
     by_price = per_category(predictions, truths, fields=["price"])
     assert list(by_price["BAGS"]) == ["n", "parse_rate", "parse_failures", *PRICE_KEYS]
@@ -386,6 +439,7 @@ def test_sample_scores():
     scores = sample_scores(ParsedAnswer("Blue Bog", " bags", 150.0), truth)
     assert scores == {
         "price_ape": pytest.approx(0.25),
+        "price_smape": pytest.approx(100 / 350),
         "price_abs_error": pytest.approx(50.0),
         "category_ok": True,
         "title_exact": False,
@@ -394,6 +448,7 @@ def test_sample_scores():
     }
     assert sample_scores(NOTHING, truth) == {
         "price_ape": None,
+        "price_smape": None,
         "price_abs_error": None,
         "category_ok": False,
         "title_exact": False,
@@ -423,10 +478,17 @@ def test_baselines_on_a_toy_split():
     assert list(baselines) == [
         "global_median_price",
         "category_median_price",
+        "category_mape_optimal_price",
+        "category_median_ape_optimal_price",
+        "category_smape_optimal_price",
+        "category_within_10_optimal_price",
+        "category_within_25_optimal_price",
+        "category_rmsle_optimal_price",
         "majority_category",
         "most_frequent_title",
     ]
     assert all(isinstance(b, Baseline) and b.description for b in baselines.values())
+    assert all("upper bound" not in b.description for b in baselines.values())
 
     # prices sorted 20, 50, 70, 100, 300, 1000: the median of an even count is (70 + 100) / 2 = 85
     global_median = baselines["global_median_price"]
@@ -440,6 +502,27 @@ def test_baselines_on_a_toy_split():
     scores = score_predictions(by_category.predictions, TEST, by_category.fields)
     assert scores["parse_rate"] == 1.0 and "category_accuracy" not in scores
     assert scores["price_mape"] == pytest.approx((50 / 250 + 0 + 0) / 3)
+    assert (by_category.metric, by_category.optimal_for) == ("price_ape_median", "price_mae")
+
+    # MAPE: weighted medians with weights 1/price. bags 100 (w 0.01), 300 (0.0033): 100 holds half the weight
+    # alone; shoes 50 (0.02), 70 (0.014): 50; all six: 20 has w 0.05 of 0.0986 in all, so 20 for the scarves
+    mape = baselines["category_mape_optimal_price"]
+    assert [p.price for p in mape.predictions] == [100.0, 50.0, 20.0]
+    assert (mape.metric, mape.optimal_for) == ("price_mape", "price_mape")
+    # SMAPE: the best training price. bags: S(100) = S(300) = 1, the tie to the lower; shoes: S(50) = S(70) = 1/3;
+    # all six: S(70) = 4.779 beats S(100) = 4.989, S(50) = 5.095, S(300) = 6.50, S(20) = 6.97
+    smape = baselines["category_smape_optimal_price"]
+    assert [p.price for p in smape.predictions] == [100.0, 50.0, 70.0]
+    # median APE of two prices is half their MAPE: the same as the MAPE optimum per category
+    assert [p.price for p in baselines["category_median_ape_optimal_price"].predictions][:2] == [100.0, 50.0]
+    # within 25 %: shoes' intervals [37.5, 62.5] and [52.5, 87.5] overlap on [52.5, 62.5]: its middle, 57.5
+    within = baselines["category_within_25_optimal_price"]
+    assert [p.price for p in within.predictions][:2] == pytest.approx([100.0, 57.5])
+    assert score_predictions(within.predictions[1:2], TEST[1:2], ("price",))["price_within_25"] == 1.0
+    # RMSLE: exp(mean(ln(1 + t))) - 1; for bags sqrt(101 * 301) - 1
+    rmsle = baselines["category_rmsle_optimal_price"]
+    assert rmsle.predictions[0].price == pytest.approx(math.sqrt(101 * 301) - 1)
+    assert all(b.fields == ("price",) and all(p.ok for p in b.predictions) for b in (mape, smape, within, rmsle))
 
     # categories bags, hats, shoes 2 each: the tie goes to "bags" (first alphabetically, not first seen), spelt
     # as first seen
@@ -463,3 +546,127 @@ def test_baselines_without_ties_and_without_training_rows():
     assert baselines["global_median_price"].predictions[0].price == 70.0  # 20 40 50 70 100 300 1000
     with pytest.raises(ValueError, match="training row"):
         baseline_predictions([], TEST)
+
+
+# ------------------------------------------------------------------------------------------------ optimal constants
+def _brute_force_candidates(prices: list[float]) -> np.ndarray:
+    """A fine geometric grid over the prices' range and beyond, the prices, their pairwise harmonic means (where two
+    APEs cross) and their 10 % / 25 % interval ends: every place a score of a constant can bend or jump, and more."""
+    t = np.array(prices)
+    pieces = [
+        np.geomspace(t.min() / 3, t.max() * 3, 1500),
+        t,
+        (2 * t[:, None] * t[None, :] / (t[:, None] + t[None, :])).ravel(),
+        *(t * factor for factor in (0.9, 1.1, 0.75, 1.25)),
+    ]
+    return np.unique(np.concatenate(pieces))
+
+
+def _random_prices(rng: random.Random, n: int) -> list[float]:
+    if rng.random() < 0.4:  # few distinct prices: ties and duplicates
+        return [float(rng.choice([50, 90, 120, 300, 990])) for _ in range(n)]
+    return [round(math.exp(rng.gauss(6, 1)), 2) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimal_constant_beats_every_brute_force_candidate(seed):
+    """For each price score, the fitted constant scores at least as well (by `price_metrics` itself) as every
+    candidate of a fine brute-force search; so, for SMAPE, the claim that a minimiser lies at a data point holds."""
+    rng = random.Random(seed)
+    for n in (1, 2, 3, 4, 5, 8, 13):
+        prices = _random_prices(rng, n)
+        candidates = _brute_force_candidates(prices)
+        brute = [price_metrics([float(c)] * n, prices) for c in candidates]
+        for metric in PRICE_SCORES:
+            constant = optimal_constant(prices, metric)
+            ours = price_metrics([constant] * n, prices)[metric]
+            values = [scores[metric] for scores in brute]
+            best = max(values) if metric in HIGHER_IS_BETTER else min(values)
+            if metric in HIGHER_IS_BETTER:
+                assert ours >= best - 1e-12, (metric, prices, constant, ours, best)
+            else:
+                assert ours <= best + 1e-9 * max(1.0, best), (metric, prices, constant, ours, best)
+
+
+def test_optimal_constants_in_closed_form():
+    prices = [10.0, 20.0, 40.0, 80.0]
+    assert optimal_constant(prices, "price_mae") == statistics.median(prices) == 30.0
+    # weights 0.1, 0.05, 0.025, 0.0125 (sum 0.1875): 10 alone holds more than half
+    assert optimal_constant(prices, "price_mape") == 10.0
+    assert optimal_constant([100.0, 100.0, 400.0], "price_mape") == 100.0
+    assert optimal_constant(prices, "price_rmsle") == pytest.approx(
+        math.exp(sum(math.log1p(t) for t in prices) / 4) - 1
+    )
+    # the median APE over an odd count: the tightest window of 2 of 3 prices, at its harmonic mean
+    # windows (100, 110): (110 - 100) / 210; (110, 300): 190 / 410; so c = 2 * 100 * 110 / 210
+    assert optimal_constant([100.0, 110.0, 300.0], "price_ape_median") == pytest.approx(2 * 100 * 110 / 210)
+    with pytest.raises(ValueError, match="no optimal constant"):
+        optimal_constant(prices, "price_coverage")
+    with pytest.raises(ValueError, match="at least one price"):
+        optimal_constant([], "price_mape")
+    with pytest.raises(ValueError, match="positive"):
+        optimal_constant([0.0], "price_mape")
+
+
+def test_optimal_constants_of_many_prices_are_exact_and_fast():
+    """A catalog-sized category (3,000 prices, many repeated): the median-APE search against every pairwise
+    candidate, the rest against a grid, all in well under a second each."""
+    import time
+
+    rng = random.Random(7)
+    prices = [float(round(math.exp(rng.gauss(6.5, 0.8)) / 10) * 10) for _ in range(3000)]
+    t = np.array(prices)
+    grid = [price_metrics([float(c)] * len(prices), prices) for c in np.geomspace(t.min(), t.max(), 40)]
+    for metric in PRICE_SCORES:
+        started = time.perf_counter()
+        constant = optimal_constant(prices, metric)
+        assert time.perf_counter() - started < 5.0, metric
+        ours = price_metrics([constant] * len(prices), prices)[metric]
+        others = [scores[metric] for scores in grid]
+        assert (ours >= max(others) - 1e-12) if metric in HIGHER_IS_BETTER else (ours <= min(others) + 1e-12)
+    # the median APE: exhaustively over the distinct prices and the harmonic means of distinct price pairs
+    values = np.unique(t)
+    pairs = (2 * values[:, None] * values[None, :] / (values[:, None] + values[None, :])).ravel()
+    candidates = np.unique(np.concatenate([values, pairs]))
+    exhaustive = min(float(np.median(np.abs(c - t) / t)) for c in candidates)
+    constant = optimal_constant(prices, "price_ape_median")
+    assert float(np.median(np.abs(constant - t) / t)) == pytest.approx(exhaustive, abs=1e-12)
+
+
+def test_category_baselines_are_optimal_per_category_on_the_training_split():
+    """Scored on the training rows themselves, each fitted baseline is at least as good as the brute-force best
+    constant of each category (for the scores that are means over rows, this makes it the best of all predictors
+    with one price per category over the whole split; for the median APE, within each category)."""
+    rng = random.Random(3)
+    train = [
+        {"title": f"item {i}", "category": category, "price": price}
+        for i, (category, price) in enumerate(
+            (category, price) for category in ("Bags", "Shoes", "Hats") for price in _random_prices(rng, 7)
+        )
+    ]
+    baselines = baseline_predictions(train, train)
+    by_category = {c: [i for i, row in enumerate(train) if row["category"] == c] for c in ("Bags", "Shoes", "Hats")}
+    for metric, (name, _how, _label) in OPTIMAL_BASELINES.items():
+        baseline = baselines[name]
+        assert (baseline.metric, baseline.optimal_for) == (metric, metric)
+        best_constants = []
+        for rows in by_category.values():
+            prices = [train[i]["price"] for i in rows]
+            fitted = {baseline.predictions[i].price for i in rows}
+            assert len(fitted) == 1  # one constant per category
+            ours = price_metrics([fitted.pop()] * len(rows), prices)[metric]
+            brute = [
+                (price_metrics([float(c)] * len(rows), prices)[metric], float(c))
+                for c in _brute_force_candidates(prices)
+            ]
+            best_value, best_c = max(brute) if metric in HIGHER_IS_BETTER else min(brute)
+            assert (ours >= best_value - 1e-12) if metric in HIGHER_IS_BETTER else (ours <= best_value + 1e-9)
+            best_constants += [(i, best_c) for i in rows]
+        if metric in SPLIT_OPTIMAL:
+            split = score_predictions(baseline.predictions, train, ("price",))[metric]
+            best_per_row = dict(best_constants)
+            brute_split = price_metrics([best_per_row[i] for i in range(len(train))], [r["price"] for r in train])
+            if metric in HIGHER_IS_BETTER:
+                assert split >= brute_split[metric] - 1e-12
+            else:
+                assert split <= brute_split[metric] + 1e-9

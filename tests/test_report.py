@@ -6,11 +6,13 @@ import base64
 import copy
 import io
 import math
+import random
 import re
 
 import pytest
 from PIL import Image
 
+from phi3v.metrics import ParsedAnswer, baseline_predictions, score_predictions
 from phi3v.report import (
     NA,
     PLOT_NAMES,
@@ -33,7 +35,7 @@ FLAT_KEYS = (
     "price_ape_median",
     "price_within_10",
     "price_within_25",
-    "price_rmse_log",
+    "price_rmsle",
     "category_accuracy",
     "category_macro_f1",
     "title_exact_match",
@@ -56,7 +58,9 @@ def flat(n: int = 7, parse_rate: float = 5 / 7, **values: float) -> dict:
         "price_ape_median": 0.12,
         "price_within_10": 0.43,
         "price_within_25": 0.57,
-        "price_rmse_log": 0.41,
+        "price_rmsle": 0.41,
+        "price_ape_median_parsed": 0.08,
+        "price_smape_parsed": 0.19,
         "category_accuracy": 0.71,
         "category_macro_f1": 0.66,
         "title_exact_match": 0.29,
@@ -67,9 +71,15 @@ def flat(n: int = 7, parse_rate: float = 5 / 7, **values: float) -> dict:
     return base
 
 
-def baseline(fields: list[str], description: str, **values: float) -> dict:
+def baseline(fields: list[str], description: str, metric=None, optimal_for=None, **values: float) -> dict:
     metrics = {"n": 7, "parse_rate": 1.0, "parse_failures": 0, **values}
-    return {"description": description, "fields": fields, "metrics": metrics}
+    return {
+        "description": description,
+        "fields": fields,
+        "metric": metric,
+        "optimal_for": optimal_for,
+        "metrics": metrics,
+    }
 
 
 def record(index, truth, raw, parsed, *, missing=(), error=None, blank_raw=None):
@@ -181,7 +191,15 @@ def make_results(**overrides) -> dict:
         },
         "baselines": {
             "global_median_price": baseline(["price"], "median training price", price_ape_median=0.45),
-            "category_median_price": baseline(["price"], "median price of the true category", price_ape_median=0.3),
+            "category_median_price": baseline(
+                ["price"], "median price of the true category", "price_ape_median", "price_mae", price_ape_median=0.3
+            ),
+            "category_smape_optimal_price": baseline(
+                ["price"], "SMAPE-optimal price of the true category", "price_smape", "price_smape", price_smape=0.35
+            ),
+            "category_median_ape_optimal_price": baseline(
+                ["price"], "best median APE", "price_ape_median", "price_ape_median", price_ape_median=0.2
+            ),
             "majority_category": baseline(["category"], "most frequent category", category_accuracy=0.43),
             "most_frequent_title": baseline(["title"], "most frequent title", title_similarity=0.35),
         },
@@ -286,9 +304,9 @@ def test_report_sections_say_the_same_in_both_documents(report):
     assert "This report evaluates `runs/tiny-lora` (LoRA adapter) on the test split of `data/prepared`:" in md
     assert "This report evaluates <code>runs/tiny-lora</code> (LoRA adapter) on the test split" in page
     assert table_row(md, "COATS")[1:3] == ["2", "100.0%"]  # per-category: n, parse rate
-    assert table_row(md, "Model")[1:3] == ["71.4%", "12.0%"]
+    assert table_row(md, "Model")[1:4] == ["71.4%", "71.4%", "12.0%"]  # parse rate, price coverage, median APE
     assert "12.30 images/s" in md and "float32" in md
-    for term in ("APE", "SMAPE", "RMSE log price", "Macro-F1", "Token F1", "Blank-image ablation"):
+    for term in ("Price coverage", "Missing prices", "APE", "SMAPE", "RMSLE", "Macro-F1", "Blank-image ablation"):
         assert f"**{term}**" in md and f"<strong>{term}</strong>" in page
 
 
@@ -307,11 +325,14 @@ def test_verdicts_beat_or_not_follow_the_numbers():
         good
     )
     assert any("beats the category median price baseline" in s and "uses the true category" in s for s in good)
+    assert not any("upper bound" in s for s in good)
     assert any("beats the majority category baseline on category (category accuracy 71.0% vs 43.0%" in s for s in good)
     assert any("beats the most frequent title baseline on title" in s for s in good)
     assert not any("does not beat" in s for s in good)
 
-    results = make_results(metrics=flat(price_ape_median=0.5, category_accuracy=0.4, title_similarity=0.3))
+    results = make_results(
+        metrics=flat(price_ape_median=0.5, price_smape=0.4, category_accuracy=0.4, title_similarity=0.3)
+    )
     bad = verdicts(results)
     assert any(
         "does not beat the global median price baseline on price (median price APE 50.0% vs 45.0%" in s for s in bad
@@ -321,6 +342,90 @@ def test_verdicts_beat_or_not_follow_the_numbers():
     )
     assert any("does not beat the most frequent title baseline" in s for s in bad)
     assert not any(" beats " in s for s in bad)
+
+
+def test_price_verdicts_use_each_baselines_metric_and_say_what_it_is_optimal_for():
+    sentences = verdicts(make_results())
+    smape = next(s for s in sentences if "category smape optimal price baseline" in s)
+    assert smape.startswith("The model beats the category smape optimal price baseline on price (price SMAPE 27.0%")
+    assert "vs 35.0%; lower is better" in smape
+    assert "No predictor with one price per category has a better price SMAPE on the training split" in smape
+    assert "on the test split it is a reference, not a bound" in smape
+    median_ape = next(s for s in sentences if "category median ape optimal price baseline" in s)
+    assert "(median price APE 12.0% vs 20.0%" in median_ape and "within each category" not in median_ape
+    assert "has the lowest median price APE over that category's training prices" in median_ape
+    assert "a median is no sum" in median_ape
+    category_median = next(s for s in sentences if "category median price baseline" in s)
+    assert "constant with the lowest price MAE on the training split, not the best for median price APE" in (
+        category_median
+    )
+    # the model's coverage comes first, with its parsed-only median, never used for a verdict
+    coverage = next(s for s in sentences if "usable price" in s)
+    assert "The model gave a usable price for 71.4% of the rows (5 answers)" in coverage
+    assert "the median APE is 8.0%" in coverage
+    assert sentences.index(coverage) < sentences.index(smape)
+    assert not any("usable price" in s for s in verdicts(make_results(metrics=flat(price_coverage=1.0))))
+
+
+def test_a_model_that_prices_a_tenth_of_the_rows_beats_no_price_baseline():
+    """10 % of the rows priced exactly, the rest without a price: perfect on what it priced (a parsed-only median APE
+    of 0 would "beat" everything), but over every row it does not beat a single price baseline."""
+    rng = random.Random(0)
+    categories = ("Bags", "Shoes", "Coats")
+
+    def rows(n: int) -> list[dict]:
+        return [
+            {"title": f"item {i}", "category": categories[i % 3], "price": round(math.exp(rng.gauss(6, 0.3)), 2)}
+            for i in range(n)
+        ]
+
+    train, test = rows(300), rows(200)
+    predictions = [
+        ParsedAnswer(row["title"], row["category"], row["price"] if i % 10 == 0 else None) for i, row in enumerate(test)
+    ]
+    metrics = score_predictions(predictions, test)
+    assert metrics["price_coverage"] == pytest.approx(0.1) and metrics["price_ape_median_parsed"] == 0.0
+    baselines = {
+        name: {
+            "description": b.description,
+            "fields": list(b.fields),
+            "metric": b.metric,
+            "optimal_for": b.optimal_for,
+            "metrics": score_predictions(b.predictions, test, fields=b.fields),
+        }
+        for name, b in baseline_predictions(train, test).items()
+    }
+    assert all(b["metrics"]["price_coverage"] == 1.0 for b in baselines.values() if b["fields"] == ["price"])
+    sentences = verdicts({"metrics": metrics, "counts": {"scored": 200}, "baselines": baselines, "split": "test"})
+    price = [s for s in sentences if " baseline on price " in s]
+    assert len(price) == 8  # global and category median, and the six optimal constants
+    assert all(s.startswith("The model does not beat") for s in price), price
+    assert {b["metric"] for b in baselines.values() if b["fields"] == ["price"]} == {
+        "price_ape_median",
+        "price_mape",
+        "price_smape",
+        "price_within_10",
+        "price_within_25",
+        "price_rmsle",
+    }
+    assert any("gave a usable price for 10.0% of the rows" in s for s in sentences)
+    # its category and title are right everywhere: those verdicts still say "beats"
+    assert any(s.startswith("The model beats the majority category baseline") for s in sentences)
+
+
+def test_headline_table_has_smape_and_the_priced_answers_row(report):
+    md = report["md"]
+    headers = table_row(md, "")
+    assert {"Price coverage", "Price SMAPE", "Price median APE", "Price RMSLE"} <= set(headers)
+    model = dict(zip(headers, table_row(md, "Model"), strict=True))
+    assert model["Price SMAPE"] == "27.0%" and model["Price coverage"] == "71.4%"
+    priced = dict(zip(headers, table_row(md, "Model, priced answers only (5)"), strict=True))
+    assert priced["Price median APE"] == "8.0%" and priced["Price SMAPE"] == "19.0%"
+    assert priced["Parse rate"] == NA and priced["Price coverage"] == NA and priced["Category accuracy"] == NA
+    smape = dict(zip(headers, table_row(md, "Baseline: category smape optimal price"), strict=True))
+    assert smape["Price SMAPE"] == "35.0%" and smape["Category accuracy"] == NA
+    assert "a row without a usable price is scored as a predicted price of 0" in md
+    assert "upper bound" not in md and "upper bound" not in report["html"]
 
 
 def test_image_use_verdicts():
@@ -436,13 +541,13 @@ def test_image_failures_listed(report, tmp_path):
 
 
 def test_nan_prints_as_dash(tmp_path):
-    results = make_results(metrics=flat(price_rmse_log=math.nan, title_token_f1=None, category_macro_f1=math.inf))
+    results = make_results(metrics=flat(price_rmsle=math.nan, title_token_f1=None, category_macro_f1=math.inf))
     results["per_category"]["BAGS"]["price_ape_median"] = math.nan
     paths = write_report(tmp_path, results, make_records(), load_image)
     md = paths["markdown"].read_text(encoding="utf-8")
     headers = table_row(md, "")
     model = dict(zip(headers, table_row(md, "Model"), strict=True))
-    assert model["RMSE log price"] == NA and model["Title token F1"] == NA and model["Category macro-F1"] == NA
+    assert model["Price RMSLE"] == NA and model["Title token F1"] == NA and model["Category macro-F1"] == NA
     assert model["Title similarity"] == "0.740"
     assert table_row(md, "BAGS")[3] == NA
     page = paths["html"].read_text(encoding="utf-8")

@@ -11,13 +11,17 @@ Steps, top to bottom (`evaluate`):
 3. Generate: batched greedy decoding with the KV cache (`phi3v.generation.generate_answers`), optionally held to the
    template's grammar (``--constrained``; the free answers are then generated too, to show the effect).
 4. Image ablation: the same prompts with every image replaced by a blank one of the same size (same token count).
-5. Score (`phi3v.metrics`): price, category and title metrics overall and per category, the confusion matrix, four
-   baselines from the training split, the blank-image scores and whether the model uses the image at all.
+5. Score (`phi3v.metrics`): price, category and title metrics overall and per category, the confusion matrix, the
+   baselines from the training split (medians, the optimal constant per category for each price score, the
+   majority category, the most frequent title), the blank-image scores and whether the model uses the image at all.
 6. Write ``metrics.json``, ``predictions.jsonl``, ``report.md`` + ``plots/``, a self-contained ``report.html``
    (`phi3v.report`), and a W&B run with a predictions table when ``--report-to wandb``.
 
-Parse failures are never scored as a price of 0: price metrics cover the answers with a parsed price (their share is
-``price_coverage``), category and title metrics cover every answer (an unparsed one is wrong).
+Every score covers every scored row. An answer without a usable price is scored as a predicted price of 0 (APE 1,
+SMAPE 2, outside every tolerance): as bad as a price off by 100 % (for SMAPE, the worst there is). The same scores
+over the answers with a price only are kept beside them (``*_parsed``, with ``price_coverage``). Category and title
+metrics count an unparsed field as wrong. The baselines price every row, and are scored on the same rows with the
+same definitions.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ METRICS_NAME = "metrics.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 BLANK_COLOUR = (255, 255, 255)
 # The model "uses the image" when the real images beat blank ones by more than these margins on at least one field
-# (accuracy and similarity: absolute points; median APE: absolute points of relative error).
+# (accuracy and similarity: absolute points; median APE, over all rows, a missing price counting as 1: absolute
+# points of relative error).
 IMAGE_USE_MARGINS = {"category_accuracy": 0.05, "title_similarity": 0.05, "price_ape_median": 0.05}
 
 
@@ -318,6 +323,8 @@ def _score_baselines(train_rows: list[dict[str, Any]], truths: list[dict[str, An
         name: {
             "description": baseline.description,
             "fields": list(baseline.fields),
+            "metric": baseline.metric,
+            "optimal_for": baseline.optimal_for,
             "metrics": score_predictions(baseline.predictions, truths, fields=baseline.fields),
         }
         for name, baseline in baseline_predictions(train_rows, truths).items()

@@ -65,15 +65,18 @@ CARD_NAME = "README.md"
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SINGLE_SHARD_NAME = "model-00001-of-00001.safetensors"
 
-# Headline metrics of the model card: metrics.json key -> (label, format).
+# Headline metrics of the model card: metrics.json key -> (label, format). The price scores cover every row (a row
+# without a price scored as a predicted price of 0); ``price_ape_median_parsed`` only the answers with a price.
 CARD_METRICS: dict[str, tuple[str, str]] = {
     "parse_rate": ("parse rate", "percent"),
+    "price_coverage": ("answers with a price", "percent"),
     "price_ape_median": ("price median APE", "percent"),
     "price_mape": ("price MAPE", "percent"),
+    "price_smape": ("price SMAPE (0 to 200 %)", "percent"),
     "price_within_10": ("price within 10 %", "percent"),
     "price_within_25": ("price within 25 %", "percent"),
-    "price_rmse_log": ("price RMSE of log price", "number"),
-    "price_coverage": ("answers with a price", "percent"),
+    "price_rmsle": ("price RMSLE", "number"),
+    "price_ape_median_parsed": ("price median APE, answers with a price only", "percent"),
     "category_accuracy": ("category accuracy", "percent"),
     "category_macro_f1": ("category macro-F1", "number"),
     "title_exact_match": ("title exact match", "percent"),
@@ -598,15 +601,24 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     for key, (label, kind) in CARD_METRICS.items():
         if key in scores:
             lines.append(f"| {label} | {_format_metric(scores[key], kind)} |")
+    if "price_coverage" in scores:
+        lines += [
+            "",
+            "The price scores cover every row: a row without a price is scored as a predicted price of 0 (APE 100 %, "
+            "SMAPE 200 %).",
+        ]
     baselines = metrics.get("baselines") or {}
     if baselines:
         lines += ["", "Baselines on the same rows:", ""]
         for name, baseline in baselines.items():
             values = baseline.get("metrics") or {}
+            keys = dict.fromkeys(
+                [baseline.get("metric"), "price_ape_median", "price_smape", "category_accuracy", "title_similarity"]
+            )
             shown = [
                 f"{CARD_METRICS[key][0]} {_format_metric(values[key], CARD_METRICS[key][1])}"
-                for key in ("price_ape_median", "category_accuracy", "title_similarity")
-                if key in values
+                for key in keys
+                if key in CARD_METRICS and key in values
             ]
             lines.append(f"- {name} ({baseline.get('description', '')}): " + ", ".join(shown))
     ablation = metrics.get("ablation")

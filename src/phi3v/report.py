@@ -13,8 +13,11 @@ Both documents are built from one list of blocks (`_build_blocks`), so they alwa
 that comes from the data or the model is escaped for its target (HTML entities, Markdown backslash escapes, code
 spans with a long enough backtick fence). Missing and NaN numbers print as "—".
 
-`verdicts(results)` gives the plain-English conclusions (baselines beaten or not, whether the model uses the image,
-a model that never followed the template, the effect of constrained decoding); the evaluator also prints them.
+`verdicts(results)` gives the plain-English conclusions (the model's price coverage, baselines beaten or not on the
+same rows and the same score, whether the model uses the image, a model that never followed the template, the effect
+of constrained decoding); the evaluator also prints them. Every price score compared covers every row, a missing
+price scored as a predicted price of 0 (`phi3v.metrics.price_metrics`); the scores over the priced answers only
+(``*_parsed``) have a row of their own in the headline table and are never used to call a winner.
 `render_plots(results, records, load_image)` gives the PNG bytes of each plot by name. Plots are drawn with the Agg
 backend on `matplotlib.figure.Figure` objects (no pyplot state), so this module is safe in any thread or process.
 """
@@ -38,6 +41,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from phi3v.metrics import SPLIT_OPTIMAL
+
 logger = logging.getLogger(__name__)
 
 NA = "—"
@@ -59,7 +64,9 @@ _RAW_SHOWN_CHARS = 400
 _GREEN = "#2e7d32"
 _RED = "#c62828"
 
-# Percent-like metrics print as percentages; the rest as plain numbers.
+# Percent-like metrics print as percentages (SMAPE, a fraction in [0, 2], as 0% to 200%); the rest as plain numbers.
+# A ``_parsed`` score prints as its all-rows counterpart.
+_PARSED = "_parsed"
 _PERCENT_KEYS = frozenset(
     {
         "parse_rate",
@@ -78,10 +85,13 @@ _COUNT_KEYS = frozenset({"n", "price_n", "parse_failures"})
 # (column header, metric key) of the headline table.
 HEADLINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Parse rate", "parse_rate"),
+    ("Price coverage", "price_coverage"),
     ("Price median APE", "price_ape_median"),
     ("Price MAPE", "price_mape"),
+    ("Price SMAPE", "price_smape"),
+    ("Price within 10%", "price_within_10"),
     ("Price within 25%", "price_within_25"),
-    ("RMSE log price", "price_rmse_log"),
+    ("Price RMSLE", "price_rmsle"),
     ("Category accuracy", "category_accuracy"),
     ("Category macro-F1", "category_macro_f1"),
     ("Title exact", "title_exact_match"),
@@ -93,40 +103,68 @@ PER_CATEGORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("n", "n"),
     ("Parse rate", "parse_rate"),
     ("Price median APE", "price_ape_median"),
+    ("Price SMAPE", "price_smape"),
     ("Price within 25%", "price_within_25"),
+    ("Price coverage", "price_coverage"),
     ("Category accuracy (recall)", "category_accuracy"),
     ("Title similarity", "title_similarity"),
 )
 
-# The field a baseline predicts -> (metric compared, higher is better, how the metric is named in a sentence).
-_FIELD_METRIC: dict[str, tuple[str, bool, str]] = {
-    "price": ("price_ape_median", False, "median price APE"),
-    "category": ("category_accuracy", True, "category accuracy"),
-    "title": ("title_similarity", True, "title similarity"),
+# The field a baseline predicts -> the metric compared when the baseline names none (its ``metric``).
+_FIELD_METRIC: dict[str, str] = {
+    "price": "price_ape_median",
+    "category": "category_accuracy",
+    "title": "title_similarity",
 }
-_KEY_METRICS = tuple(metric for metric, _higher, _label in _FIELD_METRIC.values())
-_METRIC_LABEL = {metric: label for metric, _higher, label in _FIELD_METRIC.values()}
-_METRIC_HIGHER_BETTER = {metric: higher for metric, higher, _label in _FIELD_METRIC.values()}
+# Metric -> (higher is better, how it is named in a sentence).
+_METRIC_INFO: dict[str, tuple[bool, str]] = {
+    "price_ape_median": (False, "median price APE"),
+    "price_mape": (False, "price MAPE"),
+    "price_smape": (False, "price SMAPE"),
+    "price_within_10": (True, "share of prices within 10%"),
+    "price_within_25": (True, "share of prices within 25%"),
+    "price_rmsle": (False, "price RMSLE"),
+    "price_mae": (False, "price MAE"),
+    "category_accuracy": (True, "category accuracy"),
+    "title_similarity": (True, "title similarity"),
+}
+_KEY_METRICS = ("price_ape_median", "category_accuracy", "title_similarity")  # the image and constrained verdicts
+_METRIC_LABEL = {metric: label for metric, (_higher, label) in _METRIC_INFO.items()}
+_METRIC_HIGHER_BETTER = {metric: higher for metric, (higher, _label) in _METRIC_INFO.items()}
 
 _MODEL_KIND = {"adapter": "LoRA adapter", "full": "fully fine-tuned model", "base": "base model, not fine-tuned"}
 
 LEGEND: tuple[tuple[str, str], ...] = (
     ("Parse rate", "share of answers that follow the answer template with every field readable."),
     (
+        "Price coverage",
+        "share of answers with a usable price: one number of 0 or more (an answer of 0 is a price, and scored).",
+    ),
+    (
+        "Missing prices",
+        "every price score covers every row, the model's and the baselines' alike: a row without a usable price "
+        "is scored as a predicted price of 0, which is an APE of 100%, an SMAPE of 200% (the worst), a miss for "
+        "within 10% / 25%, and ln(1 + true price) for RMSLE. Leaving a price out never helps SMAPE or a within "
+        "share, and helps APE only over a price more than twice the truth. The row "
+        "“Model, priced answers only” gives the same scores over the answers with a price alone; it describes the "
+        "prices given and is never compared with a baseline.",
+    ),
+    (
         "APE",
-        "absolute percentage error of a price, |predicted - true| / true, over the answers with a parsed price "
-        "(a parse failure is never priced; price coverage says how many); the median APE is the typical error, "
+        "absolute percentage error of a price, |predicted - true| / true; the median APE is the typical error, "
         "MAPE its mean, which large misses dominate.",
     ),
-    ("Within 10% / 25%", "share of the parsed prices no more than 10% / 25% off."),
+    ("Within 10% / 25%", "share of rows priced no more than 10% / 25% off."),
     (
         "SMAPE",
-        "symmetric APE, |predicted - true| / ((|predicted| + |true|) / 2): like APE, but over- and under-estimates "
-        "weigh the same and it never exceeds 200%.",
+        "symmetric APE, mean of 2 |predicted - true| / (|predicted| + |true|), the Amazon ML Challenge 2025 pricing "
+        "metric: over- and under-estimates weigh alike; printed in percent, 0% to 200% (metrics.json holds the "
+        "fraction, 0 to 2).",
     ),
     (
-        "RMSE log price",
-        "root mean squared error of log(price): a ratio error, 0.1 ≈ 10% off, that penalises big misses.",
+        "RMSLE",
+        "root mean squared error of ln(1 + price): a ratio error (0.1 ≈ 10% off for prices well above 1) that "
+        "penalises big misses.",
     ),
     ("Category accuracy", "share of answers with exactly the right category (case and spaces ignored)."),
     (
@@ -144,8 +182,14 @@ LEGEND: tuple[tuple[str, str], ...] = (
     ),
     (
         "Baselines",
-        "simple predictors without the model (median price, most frequent category or title); a useful model "
-        "beats each on its field.",
+        "simple predictors without the model, learnt from the training split and scored on the same rows with "
+        "the same definitions: the median price, the most frequent category or title, and the price baselines "
+        "per true category (given the category the model must read from the photo). A “category … optimal "
+        "price” baseline predicts, for each category, the single price that scores best on its metric over the "
+        "training split. No predictor with one price per category does better on the training split (for the "
+        "median APE: within each category, since a median is no sum over categories); on the evaluated split it "
+        "is a reference, not a bound (a constant fitted to these rows could do better). Each is compared on its "
+        "own metric; a useful model beats each on its field.",
     ),
 )
 
@@ -185,7 +229,9 @@ def format_price(value: Any) -> str:
 
 
 def format_metric(key: str, value: Any) -> str:
-    """One metric as the report prints it: rates as percentages, counts as integers, MAE as a price."""
+    """One metric as the report prints it: rates as percentages, counts as integers, MAE as a price (a ``_parsed``
+    score as the score it restricts)."""
+    key = key.removesuffix(_PARSED)
     if key in _PERCENT_KEYS:
         return format_percent(value)
     if key in _COUNT_KEYS:
@@ -233,7 +279,47 @@ def _worse_count(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[i
     return worse, better
 
 
-def _baseline_verdicts(model: Mapping[str, Any], baselines: Mapping[str, Any]) -> list[str]:
+def _coverage_verdict(model: Mapping[str, Any]) -> str | None:
+    coverage = _num(model.get("price_coverage"))
+    if coverage is None or coverage >= 1:
+        return None
+    priced = format_metric("price_n", model.get("price_n"))
+    parsed = format_metric("price_ape_median", model.get("price_ape_median_parsed"))
+    return (
+        f"The model gave a usable price for {format_percent(coverage)} of the rows ({priced} answers). Every price "
+        "score compared below covers every row: a row without a price is scored as a predicted price of 0 (APE "
+        f"100%, SMAPE 200%, outside every tolerance). Over its {priced} priced answers alone the median APE is "
+        f"{parsed}, a figure that says nothing about the rows it left unpriced."
+    )
+
+
+def _baseline_note(key: str, baseline: Mapping[str, Any], metric: str, split: str) -> str:
+    """What a price baseline is given and what it is optimal for, in one or two sentences (or nothing)."""
+    note = ""
+    if key.startswith("category_"):
+        note += " That baseline uses the true category, which the model must read from the photo."
+    optimal = baseline.get("optimal_for")
+    label = _METRIC_LABEL.get(metric, metric)
+    if optimal == metric and metric in SPLIT_OPTIMAL:
+        note += (
+            f" No predictor with one price per category has a better {label} on the training split; on the {split} "
+            "split it is a reference, not a bound."
+        )
+    elif optimal == metric:
+        note += (
+            f" Its price for each category has the lowest {label} over that category's training prices (over the "
+            f"whole training split other prices per category can do better: a median is no sum); on the {split} "
+            "split it is a reference, not a bound."
+        )
+    elif isinstance(optimal, str):
+        note += (
+            f" Its price per category is the constant with the lowest {_METRIC_LABEL.get(optimal, optimal)} on the "
+            f"training split, not the best for {_METRIC_LABEL.get(metric, metric)}."
+        )
+    return note
+
+
+def _baseline_verdicts(model: Mapping[str, Any], baselines: Mapping[str, Any], split: str) -> list[str]:
     sentences = []
     for key, baseline in baselines.items():
         baseline = _metrics(baseline)
@@ -243,7 +329,11 @@ def _baseline_verdicts(model: Mapping[str, Any], baselines: Mapping[str, Any]) -
         for field in fields:
             if field not in _FIELD_METRIC:
                 continue
-            metric, higher_better, label = _FIELD_METRIC[field]
+            metric = _FIELD_METRIC[field]
+            named = baseline.get("metric")
+            if field == "price" and isinstance(named, str) and named in _METRIC_INFO:
+                metric = named
+            higher_better, label = _METRIC_INFO[metric]
             ours, theirs = _num(model.get(metric)), _num(scores.get(metric))
             shown = f"{label} {format_metric(metric, model.get(metric))} vs {format_metric(metric, scores.get(metric))}"
             direction = "higher" if higher_better else "lower"
@@ -253,8 +343,8 @@ def _baseline_verdicts(model: Mapping[str, Any], baselines: Mapping[str, Any]) -
                 beats = ours > theirs if higher_better else ours < theirs
                 verb = "beats" if beats else "does not beat"
                 sentence = f"The model {verb} the {name} baseline on {field} ({shown}; {direction} is better)."
-            if key == "category_median_price":
-                sentence += " That baseline uses the true category: an upper bound for pricing from the category alone."
+            if field == "price":
+                sentence += _baseline_note(str(key), baseline, metric, split)
             sentences.append(sentence)
     return sentences
 
@@ -295,10 +385,12 @@ def _constrained_verdict(constrained: Any) -> str | None:
 def verdicts(results: Mapping[str, Any]) -> list[str]:
     """Plain-English conclusions of an evaluation, one sentence (or two) per item.
 
-    In order: a warning when no row was scored or no answer followed the template; for each baseline and field it
-    predicts, whether the model beats it (price: lower median APE; category: higher accuracy; title: higher
-    similarity; ties do not beat); whether the model uses the image (blank-image ablation); the effect of
-    constrained decoding when it was compared.
+    In order: a warning when no row was scored or no answer followed the template; the model's price coverage
+    when it left rows unpriced; for each baseline and field it predicts, whether the model beats it on the same rows
+    and the same score (price: the baseline's ``metric``, median APE by default, every row scored, a missing price
+    as 0; category: higher accuracy; title: higher similarity; ties do not beat), with what a price baseline is
+    given and optimal for; whether the model uses the image (blank-image ablation); the effect of constrained
+    decoding when it was compared.
 
     Args:
         results (`Mapping`): The content of metrics.json.
@@ -319,7 +411,10 @@ def verdicts(results: Mapping[str, Any]) -> list[str]:
             f"No answer followed the answer template (0 of {n} parsed), so the price, category and title scores "
             "are not meaningful."
         )
-    sentences += _baseline_verdicts(model, _metrics(results.get("baselines")))
+    coverage = _coverage_verdict(model) if scored != 0 else None
+    if coverage:
+        sentences.append(coverage)
+    sentences += _baseline_verdicts(model, _metrics(results.get("baselines")), str(results.get("split") or "test"))
     sentences.append(_image_verdict(model, results.get("ablation")))
     constrained = _constrained_verdict(results.get("constrained"))
     if constrained:
@@ -639,7 +734,11 @@ Block = tuple
 
 
 def _headline_table(results: Mapping[str, Any]) -> list[Block]:
-    rows: list[tuple[str, Mapping[str, Any], set[str] | None]] = [("Model", _metrics(results.get("metrics")), None)]
+    model = _metrics(results.get("metrics"))
+    rows: list[tuple[str, Mapping[str, Any], set[str] | None]] = [("Model", model, None)]
+    if any(key.endswith(_PARSED) for key in model):  # the priced answers alone: every other cell "—"
+        parsed = {key.removesuffix(_PARSED): value for key, value in model.items() if key.endswith(_PARSED)}
+        rows.append((f"Model, priced answers only ({format_metric('price_n', model.get('price_n'))})", parsed, None))
     ablation = results.get("ablation")
     if isinstance(ablation, Mapping):
         rows.append((f"Model, {ablation.get('image') or 'blank'} image", _metrics(ablation.get("metrics")), None))
@@ -661,6 +760,15 @@ def _headline_table(results: Mapping[str, Any]) -> list[Block]:
             cells.append(format_metric(key, scores.get(key)) if predicted else NA)
         table_rows.append(cells)
     blocks: list[Block] = [("table", ["", *(h for h, _k in HEADLINE_COLUMNS)], table_rows)]
+    if "price_coverage" in model:
+        blocks.append(
+            (
+                "p",
+                "Price scores cover every row: a row without a usable price is scored as a predicted price of 0 "
+                "(APE 100%, SMAPE 200%, outside 10% / 25%). “Model, priced answers only” restricts them to the "
+                "answers that gave a price; the baselines price every row (coverage 100%).",
+            )
+        )
     described = [
         [Strong(_baseline_name(str(key))), f": {_metrics(b).get('description') or 'no description'}"]
         for key, b in baselines.items()
@@ -790,13 +898,14 @@ def _run_details(results: Mapping[str, Any]) -> list[Block]:
 _CAPTIONS = {
     "price_scatter": (
         "Predicted vs true price",
-        "Predicted vs true price, log-log, parsed prices only; points on the dashed line are exact; green: category "
-        "right, red: wrong.",
+        "Predicted vs true price, log-log, positive parsed prices only (rows without a price, and prices of 0, "
+        "cannot be drawn; price coverage says how many rows had one); points on the dashed line are exact; green: "
+        "category right, red: wrong.",
     ),
     "ape_histogram": (
         "APE histogram",
-        "Absolute percentage error of the parsed prices; the last bar collects everything above 200%; dashed lines "
-        "at 10% and 25%.",
+        "Absolute percentage error of the parsed prices only (the rows without a price, scored as APE 100% in the "
+        "headline scores, are not in it); the last bar collects everything above 200%; dashed lines at 10% and 25%.",
     ),
     "confusion_matrix": (
         "Category confusion matrix",

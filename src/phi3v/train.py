@@ -476,12 +476,18 @@ class GenerationCheck:
     each rank answers its share (``synced_gpus``, so sharded models stay in step) and rank 0 gathers them.
     """
 
-    # The scores logged as ``eval_gen_*`` (the evaluation report has them all)
+    # The scores logged as ``eval_gen_*`` (the evaluation report has them all). The price scores without a suffix
+    # cover every answer, a missing price scored as 0 (APE 1, SMAPE 2): leaving a price out scores no better than a
+    # price off by 100 % (SMAPE: than any price). ``price_ape_median_parsed`` is over the answers with a price only,
+    # ``price_coverage`` their share.
     LOGGED = (
         "parse_rate",
+        "price_coverage",
         "price_ape_median",
         "price_mape",
+        "price_smape",
         "price_within_25",
+        "price_ape_median_parsed",
         "category_accuracy",
         "category_macro_f1",
         "title_similarity",
