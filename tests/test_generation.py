@@ -112,20 +112,13 @@ def test_generated_tokens_are_counted_up_to_the_end_token():
 @pytest.fixture(scope="module")
 def phi3_sized():
     """A tiny random model with Phi-3's 32,064-logit vocabulary and a byte-level BPE trained to ~32k tokens here."""
-    import random
-
     from phi3v.model.configuration import Phi3VConfig
     from phi3v.model.image_processing import Phi3VImageProcessor
     from phi3v.model.modeling import Phi3VForCausalLM
     from phi3v.model.processing import Phi3VProcessor
-    from phi3v.model.tokenizer import default_corpus, train_tokenizer
+    from phi3v.model.tokenizer import train_tokenizer, wide_corpus
 
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(24000)] * 3
-    rng.shuffle(words)  # every word three times: BPE merges them whole
-    corpus = [*default_corpus(), *(" ".join(words[i : i + 12]) for i in range(0, len(words), 12))]
-    tokenizer = train_tokenizer(corpus, vocab_size=32064)
+    tokenizer = train_tokenizer(wide_corpus(), vocab_size=32064)
     processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=1), tokenizer)
     torch.manual_seed(0)
     config = Phi3VConfig.from_name("tiny", vocab_size=32064)

@@ -267,6 +267,7 @@ class TemplateConstraint:
         self.segments = [(literal, name) for literal, name, _spec, _conv in string.Formatter().parse(template.template)]
         self.ebnf = self._grammar()
         self._compiled: dict[int, Any] = {}  # vocabulary size -> (compiled grammar, token bytes)
+        self._spellers: dict[int, _Speller] = {}
 
     # -- the grammar
     def _following_literal(self, position: int) -> str:
@@ -303,6 +304,13 @@ class TemplateConstraint:
             self._compiled[vocab_size] = (grammar, [bytes(t) for t in info.decoded_vocab])
         return self._compiled[vocab_size]
 
+    def speller(self, vocab_size: int) -> _Speller:
+        """Longest-token spelling over this vocabulary (built once per vocabulary size)."""
+        if vocab_size not in self._spellers:
+            _, vocab = self.compiled(vocab_size)
+            self._spellers[vocab_size] = _Speller(vocab, self.special_ids(vocab_size))
+        return self._spellers[vocab_size]
+
     def matcher(self, vocab_size: int | None = None) -> Any:
         import xgrammar as xgr
 
@@ -323,8 +331,7 @@ class TemplateConstraint:
         over byte tokens), and ``total`` without a title. Fixed text counts its
         longest-token spelling plus one (xgrammar may leave its last token to the model); a category its bytes (the
         model may spell it a byte at a time until only one fits); a price 12 (one token per character)."""
-        _, vocab = self.compiled(vocab_size)
-        spell = _Speller(vocab, self.special_ids(vocab_size))
+        spell = self.speller(vocab_size)
         costs: list[int] = []
         for literal, name in self.segments:
             costs.append(len(spell.tokens(literal)) + 1 if literal else 0)
@@ -405,8 +412,9 @@ class ConstrainedDecoding(LogitsProcessor):
         self.vocab = vocab
         self.matchers = [xgr.GrammarMatcher(grammar) for _ in range(batch)]
         self.forced = [[] for _ in range(batch)]
+        self.past_title = [False] * batch
         self.bitmask = xgr.allocate_token_bitmask(batch, vocab_size)
-        self.spell = _Speller(vocab, self.constraint.special_ids(vocab_size))
+        self.spell = self.constraint.speller(vocab_size)
         reserve = self.constraint.reserve(vocab_size)
         self.head, self.tail = reserve["head"], reserve["tail"]
         needed = reserve["total"] if reserve["total"] > 0 else reserve["head"] + 1 + reserve["tail"]
@@ -420,16 +428,19 @@ class ConstrainedDecoding(LogitsProcessor):
             self.title_stop = following[:1] or None
             self.close_tokens = self.spell.tokens(following) if following else [self.constraint.end_ids[0]]
 
-    def _title_text(self, ids: list[int]) -> str:
+    def _title_text(self, row: int, ids: list[int]) -> str:
         """The title written so far while the answer is inside it (at least one character), else ``""``."""
-        if self.title_position is None:
+        if self.title_position is None or self.past_title[row]:
             return ""
         text = b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
         head = self._title_start(text)
         if head is None or len(text) <= head:
             return ""
         title = text[head:]
-        return title if self.title_stop is None or self.title_stop not in title else ""
+        if self.title_stop is not None and self.title_stop in title:
+            self.past_title[row] = True  # the title is over for good: no more decoding of this row
+            return ""
+        return title
 
     def _title_start(self, text: str) -> int | None:
         """Where the title starts in ``text`` (None before it): after the fields and literals that precede it."""
@@ -470,7 +481,7 @@ class ConstrainedDecoding(LogitsProcessor):
                 self.bitmask[row].fill_(-1)  # finished: generate pads this row; leave its scores alone
                 continue
             matcher.fill_next_token_bitmask(self.bitmask, row)
-            title = self._title_text(ids)
+            title = self._title_text(row, ids)
             # close the title (write the literal after it) once the rest needs every step left; a character split
             # over byte tokens is finished first (the grammar allows only its continuation bytes)
             if not self.forced[row] and title and remaining <= self.tail and not title.endswith("\ufffd"):
@@ -483,14 +494,14 @@ class ConstrainedDecoding(LogitsProcessor):
                 token = self.spell.first(jump.encode())
                 if token is not None:
                     forced[row] = token
-        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
-        for row, token in forced.items():
-            if not torch.isfinite(scores[row, token]):
-                raise ConstraintError(f"row {row}: the grammar refuses the token {token} it requires next")
-            keep = scores[row, token].clone()
-            scores[row] = -math.inf
-            scores[row, token] = keep
-        dead = ~torch.isfinite(scores).any(dim=-1)
+        dead = ~(self.bitmask != 0).any(dim=1)  # [B]: a row whose mask allows nothing
         if bool(dead.any()):
             raise ConstraintError(f"rows {dead.nonzero().flatten().tolist()}: the grammar allows no token")
+        for row, token in forced.items():  # one allowed token: the row's mask becomes just that bit
+            if not (int(self.bitmask[row, token // 32]) >> (token % 32)) & 1:
+                raise ConstraintError(f"row {row}: the grammar refuses the token {token} it requires next")
+            self.bitmask[row].zero_()
+            bit = 1 << (token % 32)
+            self.bitmask[row, token // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 two's complement
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
         return scores

@@ -164,6 +164,20 @@ _SENTENCES = [
 ]
 
 
+def wide_corpus(num_words: int = 24000, seed: int = 0) -> list[str]:
+    """`default_corpus` plus ``num_words`` random letter-and-digit words, each three times, in lines of 12.
+
+    A BPE trained on it (`train_tokenizer(wide_corpus(), vocab_size=32064)`) merges the words whole, so its vocabulary
+    is of Phi-3's order (~30k tokens, the real one has 32,011): for tests and benchmarks whose cost grows with the
+    vocabulary (constrained decoding's token masks), offline.
+    """
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(num_words)] * 3
+    rng.shuffle(words)
+    return [*default_corpus(), *(" ".join(words[i : i + 12]) for i in range(0, len(words), 12))]
+
+
 def default_corpus(num_products: int = 240, seed: int = 0) -> list[str]:
     """A deterministic, product-catalog-like training corpus for `train_tokenizer`.
 
