@@ -14,6 +14,7 @@ import pytest
 
 from phi3v.cli import main
 from phi3v.evaluate import EvaluateOptions, evaluate, image_gains
+from phi3v.inference import ModelLoadError
 from phi3v.report import verdicts
 from test_docs import documented_commands
 from train_helpers import tiny_config_args
@@ -200,6 +201,42 @@ def test_a_lora_training_output_is_merged_into_its_base(tiny_model_dir, tiny_dat
     result = evaluate(_options(out, tiny_dataset_dir, tmp_path / "eval", ablation=False, max_new_tokens=4))
     assert result.results["model_kind"] == "adapter"
     assert result.results["base_model"] == str(Path(tiny_model_dir).resolve())
+    assert result.results["overrides"] == {}
+    assert "Trained settings: used as trained" in (tmp_path / "eval" / "report.md").read_text()
+
+    # trained settings win: another num_crops (or prompt) is refused before any weights load, unless overridden
+    with pytest.raises(ModelLoadError, match=r"num_crops 1 \(trained: 4\).*--override-trained"):
+        evaluate(_options(out, tiny_dataset_dir, tmp_path / "eval-1", ablation=False, num_crops=1))
+    with pytest.raises(ModelLoadError, match=r"prompt .*--prompt"):
+        evaluate(_options(out, tiny_dataset_dir, tmp_path / "eval-p", ablation=False, prompt="<|image_1|>Price?"))
+    same = evaluate(_options(out, tiny_dataset_dir, tmp_path / "eval-4", ablation=False, num_crops=4, limit=2))
+    assert same.results["overrides"] == {}  # the trained value, given explicitly
+    forced = evaluate(
+        _options(
+            out,
+            tiny_dataset_dir,
+            tmp_path / "eval-o",
+            ablation=False,
+            num_crops=1,
+            override_trained=True,
+            limit=2,
+            max_new_tokens=4,
+        )
+    )
+    assert forced.results["overrides"] == {"num_crops": {"trained": 4, "used": 1}}
+    assert forced.results["decoding"]["num_crops"] == 1
+    saved = json.loads((tmp_path / "eval-o" / "metrics.json").read_text())
+    assert saved["overrides"] == forced.results["overrides"]
+    report = (tmp_path / "eval-o" / "report.md").read_text()
+    assert "Trained settings overridden (--override-trained): num crops 1 instead of the trained 4" in report
+    assert "settings other than the trained ones (num" in report
+
+    # an adapter stored as a pickle is refused by phi3v itself (never unpickled)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(out, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(ModelLoadError, match=r"adapter_model.bin \(a pickle, which phi3v never loads\)"):
+        evaluate(_options(pickled, tiny_dataset_dir, tmp_path / "eval-bin", ablation=False))
 
 
 def test_wandb_offline_run_holds_scores_and_the_predictions_table(tiny_model_dir, tiny_dataset_dir, tmp_path):

@@ -458,3 +458,25 @@ def test_the_guide_commands_parse():
     for command in commands:
         args = parser.parse_args(command)
         assert args.command == "serve" and args.model
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("/v1/chat/completions", "application/json"), ("/v1/predict", "multipart/form-data; boundary=xyz")],
+)
+def test_a_client_that_disconnects_mid_body_is_logged_as_a_disconnect(server, caplog, path, content_type):
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    caplog.set_level("INFO", logger="phi3v.serve")
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: 5000\r\n\r\n"
+        sock.sendall(head.encode() + b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n')
+        time.sleep(0.2)  # the server is reading the body now
+    deadline = time.monotonic() + 10
+    while "client disconnected" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"client disconnected before sending its whole body: POST {path}" in caplog.text
+    assert "unexpected error" not in caplog.text and "internal_error" not in caplog.text

@@ -391,10 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="score only the first N rows of the split")
     ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when present)")
     ev.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
-    ev.add_argument("--num-crops", type=int, default=None, help="override the processor's crops per image")
+    ev.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the trained value)")
     ev.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
     ev.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
     ev.add_argument("--answer-template", default=None, help="default: the template the model was trained with")
+    ev.add_argument(
+        "--override-trained",
+        action="store_true",
+        help="allow --num-crops / --prompt / --answer-template other than the trained ones (the report says so)",
+    )
     ev.add_argument("--report-to", default="none", choices=["none", "wandb"], help="default: %(default)s")
     ev.add_argument("--wandb-project", default="phi3v", help="default: %(default)s")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -418,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when present)")
     pred.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
-    pred.add_argument("--num-crops", type=int, default=None, help="override the processor's crops per image")
+    pred.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the trained value)")
     pred.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    pred.add_argument("--override-trained", action="store_true", help="allow a --num-crops other than the trained one")
     pred.add_argument("--timeout", type=float, default=20.0, help="seconds per download attempt (default: %(default)s)")
     pred.add_argument("--retries", type=int, default=2, help="extra download attempts (default: %(default)s)")
     pred.add_argument("--max-bytes", type=int, default=20_000_000, help="largest download (default: %(default)s)")
@@ -460,10 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="model id in responses (default: the folder name)")
     srv.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU when present)")
     srv.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
-    srv.add_argument("--num-crops", type=int, default=None, help="override the processor's crops per image")
+    srv.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the trained value)")
     srv.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
     srv.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
     srv.add_argument("--answer-template", default=None, help="default: the template the model was trained with")
+    srv.add_argument(
+        "--override-trained",
+        action="store_true",
+        help="allow --num-crops / --prompt / --answer-template other than the trained ones",
+    )
     srv.add_argument("--max-batch-size", type=int, default=8, help="requests per generate call (default: %(default)s)")
     srv.add_argument(
         "--batch-timeout-ms", type=float, default=10.0, help="most wait for a batch to fill (default: %(default)s)"

@@ -83,6 +83,8 @@ class EvaluateOptions:
         device / dtype / num_crops / base_model: Model loading (`load_for_inference`).
         prompt / answer_template: Override the ones the model was trained with (default: its train_config.yaml,
             else phi3v's defaults).
+        override_trained: Allow ``num_crops`` / ``prompt`` / ``answer_template`` other than the trained ones
+            (refused otherwise); metrics.json's ``overrides`` and the report then name them.
         report_to: ``none`` or ``wandb`` (offline without an API key).
         wandb_project: W&B project.
         progress: Progress bars.
@@ -103,6 +105,7 @@ class EvaluateOptions:
     base_model: str | None = None
     prompt: str | None = None
     answer_template: str | None = None
+    override_trained: bool = False
     report_to: Literal["none", "wandb"] = "none"
     wandb_project: str = "phi3v"
     progress: bool = True
@@ -159,6 +162,9 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
         device=options.device,
         dtype=options.dtype,
         num_crops=options.num_crops,
+        prompt=options.prompt,
+        answer_template=options.answer_template,
+        override_trained=options.override_trained,
     )
     prompt = loaded.prompt(options.prompt)
     template = loaded.answer_template(options.answer_template)
@@ -219,6 +225,7 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
         "split": options.split,
         "prompt": prompt,
         "answer_template": template.template,
+        "overrides": loaded.overrides,
         "decoding": {
             "batch_size": options.batch_size,
             "max_new_tokens": options.max_new_tokens,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,6 +51,8 @@ class LoadedModel:
         train_config: The training run's resolved config (None when the folder is not a training output).
         device: Where the weights are.
         dtype: Their dtype.
+        overrides: Trained settings replaced at the caller's request (``--override-trained``): name ->
+            ``{"trained": ..., "used": ...}``; empty when the model answers as it was trained.
     """
 
     model: nn.Module
@@ -61,6 +63,7 @@ class LoadedModel:
     train_config: dict[str, Any] | None
     device: torch.device
     dtype: torch.dtype
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def prompt(self, override: str | None = None) -> str:
         """The user turn to answer with: ``override``, else the one the model was trained with, else phi3v's."""
@@ -122,6 +125,37 @@ def _adapter_base(folder: Path, train_config: dict[str, Any] | None) -> str:
     return str(base)
 
 
+def check_trained_settings(
+    source: str, train_config: dict[str, Any] | None, given: dict[str, Any], override_trained: bool
+) -> dict[str, dict[str, Any]]:
+    """The settings in ``given`` (num_crops, prompt, answer_template; None = not given) that differ from the ones
+    the model was trained with (its ``train_config.yaml``).
+
+    Raises:
+        ModelLoadError: One differs and ``override_trained`` is off: a model answers best with its own settings,
+            and a report made with others would not be the trained model's.
+    """
+    if not train_config:
+        return {}
+    changed = {
+        name: {"trained": train_config[name], "used": value}
+        for name, value in given.items()
+        if value is not None and name in train_config and train_config[name] != value
+    }
+    if changed and not override_trained:
+        details = "; ".join(f"{name} {c['used']!r} (trained: {c['trained']!r})" for name, c in changed.items())
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise ModelLoadError(
+            f"{source} was trained with other settings than asked: {details}. Leave out {flags} to use the trained "
+            "ones, or pass --override-trained to answer with yours (the report and metrics.json then say so)"
+        )
+    for name, c in changed.items():
+        logger.warning(
+            "%s: using %s %r instead of the trained %r (--override-trained)", source, name, c["used"], c["trained"]
+        )
+    return changed
+
+
 def load_for_inference(
     model: str,
     *,
@@ -129,6 +163,9 @@ def load_for_inference(
     device: str | None = None,
     dtype: str = "auto",
     num_crops: int | None = None,
+    prompt: str | None = None,
+    answer_template: str | None = None,
+    override_trained: bool = False,
 ) -> LoadedModel:
     """Load ``model`` (see the module docstring for what it may be) for generation.
 
@@ -138,9 +175,14 @@ def load_for_inference(
         device: ``cuda``, ``cuda:1``, ``cpu``...; default: a GPU when present.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
         num_crops: Override the processor's crops per image (4 for Phi-3.5-V, 16 for Phi-3-V).
+        prompt / answer_template: The ones the caller will answer with (checked here against the trained ones).
+        override_trained: Allow ``num_crops`` / ``prompt`` / ``answer_template`` other than the trained ones
+            (`check_trained_settings`; recorded in `LoadedModel.overrides`).
 
     Raises:
-        ModelLoadError: A folder that holds neither an adapter nor a model, or an adapter without a known base.
+        ModelLoadError: A folder that holds neither an adapter nor a model, an adapter without a known base or
+            stored as a pickle (``adapter_model.bin``: safetensors only), or settings that differ from the trained
+            ones without ``override_trained``.
         FileNotFoundError / OSError: A path that does not exist, or a hub id that cannot be fetched (offline).
     """
     from phi3v.model.hub import resolve_model_folder
@@ -153,7 +195,19 @@ def load_for_inference(
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        if not (path / "adapter_model.safetensors").is_file():
+            found = (
+                "adapter_model.bin (a pickle, which phi3v never loads)"
+                if (path / "adapter_model.bin").exists()
+                else "no adapter weights"
+            )
+            raise ModelLoadError(
+                f"{path}: holds {found}; phi3v loads adapters from adapter_model.safetensors only (convert it with "
+                "peft: load the adapter where you trust its source, then save_pretrained(safe_serialization=True))"
+            )
         train_config = read_train_config(path)
+        given = {"num_crops": num_crops, "prompt": prompt, "answer_template": answer_template}
+        overrides = check_trained_settings(model, train_config, given, override_trained)
         base = base_model or _adapter_base(path, train_config)
         logger.info("loading base model %s for the adapter in %s", base, path)
         network = Phi3VForCausalLM.from_pretrained(base, dtype=weights_dtype, device=target)
@@ -169,6 +223,8 @@ def load_for_inference(
                 "a checkpoint-N folder, an exported model or a base model such as microsoft/Phi-3.5-vision-instruct"
             )
         train_config = read_train_config(folder)
+        given = {"num_crops": num_crops, "prompt": prompt, "answer_template": answer_template}
+        overrides = check_trained_settings(model, train_config, given, override_trained)
         export_info = _export_info(folder)
         base = export_info.get("base_model") if export_info is not None else None
         network = Phi3VForCausalLM.from_pretrained(folder, dtype=weights_dtype, device=target)
@@ -181,4 +237,4 @@ def load_for_inference(
     processor = Phi3VProcessor.from_pretrained(processor_folder, **options)
     network.eval()
     network.config.use_cache = True
-    return LoadedModel(network, processor, kind, model, base, train_config, target, weights_dtype)
+    return LoadedModel(network, processor, kind, model, base, train_config, target, weights_dtype, overrides)

@@ -73,6 +73,7 @@ class PredictOptions:
         max_new_tokens: Answer length bound.
         constrained: Hold answers to the template's grammar (categories of the training data, numeric price).
         device / dtype / num_crops / base_model: Model loading (`phi3v.inference.load_for_inference`).
+        override_trained: Allow a ``num_crops`` other than the trained one (refused otherwise).
         timeout: Seconds per download attempt.
         retries: Extra download attempts after timeouts, connection errors, 5xx and 429.
         max_bytes: Largest image downloaded.
@@ -92,6 +93,7 @@ class PredictOptions:
     dtype: str = "auto"
     num_crops: int | None = None
     base_model: str | None = None
+    override_trained: bool = False
     timeout: float = 20.0
     retries: int = 2
     max_bytes: int = 20_000_000
@@ -185,6 +187,7 @@ def predict(options: PredictOptions, stdout: IO[str] | None = None) -> PredictRe
         device=options.device,
         dtype=options.dtype,
         num_crops=options.num_crops,
+        override_trained=options.override_trained,
     )
     trained_with = loaded.train_config or {}
     if loaded.train_config is None:

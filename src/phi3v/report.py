@@ -798,6 +798,14 @@ def _summary(results: Mapping[str, Any], sentences: Sequence[str]) -> list[Inlin
         f" ({kind}) on the {results.get('split')} split of ",
         Code(str(results.get("data"))),
         f": {scored} of {rows} rows were scored{failed}; {parsed}. ",
+        *(
+            [
+                f"It answered with settings other than the trained ones ({', '.join(map(str, overrides))}): "
+                "see Run details. "
+            ]
+            if (overrides := results.get("overrides"))
+            else []
+        ),
         " ".join(sentences),
     ]
 
@@ -877,6 +885,12 @@ def _run_details(results: Mapping[str, Any]) -> list[Block]:
     speed = format_number(throughput.get("images_per_second"), 2)
     seconds = format_number(throughput.get("seconds"), 1)
     count_text = ", ".join(f"{str(k).replace('_', ' ')} {format_metric('n', v)}" for k, v in counts.items()) or NA
+    overrides = results.get("overrides") or {}
+    changed = "; ".join(
+        f"{str(name).replace('_', ' ')} {change.get('used')!r} instead of the trained {change.get('trained')!r}"
+        for name, change in overrides.items()
+        if isinstance(change, Mapping)
+    )
     return [
         (
             "ul",
@@ -886,6 +900,13 @@ def _run_details(results: Mapping[str, Any]) -> list[Block]:
                 f"Rows: {count_text}",
                 f"Decoding: {settings}",
                 f"Throughput: {speed} images/s ({seconds} s in total)",
+                f"Trained settings overridden (--override-trained): {changed}"
+                if changed
+                else (
+                    "Trained settings: none (a base model, answering zero-shot)"
+                    if results.get("model_kind") == "base"
+                    else "Trained settings: used as trained (num crops, prompt and answer template)"
+                ),
             ],
         ),
         ("p", "Prompt:"),

@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phi3v import __version__
@@ -74,7 +75,9 @@ class ServeOptions:
         served_model_name: The ``model`` id in responses and ``/v1/models``; default: the folder's name (a hub id as
             given).
         device / dtype / num_crops / base_model: As for `phi3v evaluate`.
-        prompt / answer_template: Override the prompt and template the model was trained with.
+        prompt / answer_template: Override the prompt and template the model was trained with (with
+            ``override_trained`` only, as for `phi3v evaluate`).
+        override_trained: Allow ``num_crops`` / ``prompt`` / ``answer_template`` other than the trained ones.
         max_batch_size: Most requests per `generate_answers` call.
         batch_timeout_ms: How long the first request of a batch waits for requests being received.
         batching: False = one request per call (``--no-batching``; the benchmark baseline).
@@ -103,6 +106,7 @@ class ServeOptions:
     base_model: str | None = None
     prompt: str | None = None
     answer_template: str | None = None
+    override_trained: bool = False
     max_batch_size: int = 8
     batch_timeout_ms: float = 10.0
     batching: bool = True
@@ -702,6 +706,9 @@ class ModelRunner:
             device=options.device,
             dtype=options.dtype,
             num_crops=options.num_crops,
+            prompt=options.prompt,
+            answer_template=options.answer_template,
+            override_trained=options.override_trained,
         )
         self.prompt = self.loaded.prompt(options.prompt)
         self.template = self.loaded.answer_template(options.answer_template)
@@ -1112,6 +1119,12 @@ class Phi3VService:
             return error_response(
                 err.status_code, kinds.get(err.status_code, "http_error"), str(err.detail), headers=err.headers
             )
+
+        @app.exception_handler(ClientDisconnect)
+        async def on_disconnect(request: Request, _err: ClientDisconnect) -> JSONResponse:
+            # the client went away mid-body: nothing failed here, and nobody is left to read the answer
+            logger.info("client disconnected before sending its whole body: %s %s", request.method, request.url.path)
+            return error_response(400, "client_disconnected", "the connection closed before the whole body arrived")
 
         @app.exception_handler(Exception)
         async def on_error(_request: Request, err: Exception) -> JSONResponse:

@@ -16,8 +16,9 @@ Steps, top to bottom (`train`):
    optionally the CLIP tower; optionally the projector fully trained), ``qlora`` (the same on a 4-bit NF4 LM,
    bitsandbytes on CUDA), ``full``, ``freeze_vision`` (LM + projector).
 4. Train with `Phi3VTrainer`: per-component learning rates, a non-finite loss stops the run, padding ratio and
-   throughput logged, a generation check on a fixed validation subset at each evaluation (parsed price /
-   category / title, a `wandb.Table` of image, truth and prediction), checkpoints marked complete only once fully
+   throughput logged, a generation check on a fixed validation subset at each evaluation (price scored over every
+   answer, a missing price counted as an error of 100 %; category; title; a `wandb.Table` of image, truth and
+   prediction), checkpoints marked complete only once fully
    written (resume never picks a partial one).
 5. Save the adapter or model, the processor, the resolved config and ``training_summary.json``.
 
