@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/constrained.py
 	$(BIN)/python benchmarks/serve.py
 
 clean:
