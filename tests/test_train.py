@@ -249,7 +249,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     common = {"max_steps": 8, "save_steps": 2, "eval_steps": 4, "dataloader_num_workers": 1, "learning_rate": 1e-3}
     common.update(extra)
     reference = tmp_path / "reference"
-    train(_config(tiny_model_dir, tiny_dataset_dir, reference, **common))
+    uninterrupted = train(_config(tiny_model_dir, tiny_dataset_dir, reference, **common))
 
     out = tmp_path / "killed"
     args = tiny_config_args(tiny_model_dir, tiny_dataset_dir, out, **common)
@@ -273,6 +273,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     summary = train(_config(tiny_model_dir, tiny_dataset_dir, out, **common), resume=True)
     assert summary.resumed_from == str(resumed_from)
     assert summary.global_step == steps
+    # the whole run's mean loss, not the mean since the resume (transformers' own training_loss)
+    assert math.isclose(summary.train_loss, uninterrupted.train_loss, rel_tol=1e-6), (summary, uninterrupted)
     expected, got = _losses(reference), _losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
@@ -290,6 +292,28 @@ def test_resume_refuses_a_changed_config_and_an_empty_folder(tiny_model_dir, tin
     train(_config(tiny_model_dir, tiny_dataset_dir, out, max_steps=1, eval_strategy="no", save_steps=1))
     with pytest.raises(TrainingError, match=r"differs .* in mode"):
         train(_config(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, mode="full", eval_strategy="no"), resume=True)
+    # every key that changes the trajectory is refused, named; the run's own keys may change
+    same = {"max_steps": 1, "eval_strategy": "no", "save_steps": 1}
+    for key, value in [
+        ("learning_rate", 1e-3),
+        ("per_device_train_batch_size", 2),
+        ("gradient_accumulation_steps", 2),
+        ("seed", 7),
+        ("max_steps", 3),
+        ("lr_scheduler_type", "linear"),
+        ("train_sampling_strategy", "random"),
+        ("packing", True),
+        ("max_tokens_per_batch", 4000),
+        ("vision_lr", 1e-5),
+    ]:
+        name = key if key in ("packing", "max_tokens_per_batch", "vision_lr") else f"training.{key}"
+        with pytest.raises(TrainingError, match=rf"differs .* in {name.replace('.', '[.]')};"):
+            train(_config(tiny_model_dir, tiny_dataset_dir, out, **{**same, key: value}), resume=True)
+    resumed = train(
+        _config(tiny_model_dir, tiny_dataset_dir, out, **{**same, "logging_steps": 5, "save_steps": 3}),
+        resume=True,
+    )  # logging and save cadence may change
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-1")
 
 
 # ------------------------------------------------------------------------------------------------------- failures

@@ -290,6 +290,36 @@ _RESUME_KEYS = (
     "lora",
     "packing",
     "max_tokens_per_batch",
+    "vision_lr",
+    "projector_lr",
+    "attn_implementation",
+)
+# TrainingArguments that change the trajectory (schedule, batches, data order, precision): refused on --resume when
+# they differ. The others (logging, evaluation / save cadence, trackers, workers) may change.
+_RESUME_TRAINING_KEYS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "optim_args",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "data_seed",
+    "train_sampling_strategy",
+    "group_by_length",
+    "bf16",
+    "fp16",
+    "tf32",
 )
 
 
@@ -345,10 +375,14 @@ def _check_output_dir(config: TrainConfig, resume: bool) -> Path | None:
         before = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
         now = config_to_dict(config)
         changed = [key for key in _RESUME_KEYS if before.get(key) != now.get(key)]
+        trained = {**TRAINING_DEFAULTS, **(before.get("training") or {})}
+        asked = {**TRAINING_DEFAULTS, **(now.get("training") or {})}
+        changed += [f"training.{key}" for key in _RESUME_TRAINING_KEYS if trained.get(key) != asked.get(key)]
         if changed:
             raise TrainingError(
                 f"--resume: the config differs from the run in {output_dir} in {', '.join(changed)}; "
-                "a resumed run must train the same model on the same data"
+                "a resumed run must train the same model on the same data along the same trajectory (start a new "
+                "run to change them)"
             )
     return checkpoint
 
@@ -830,6 +864,36 @@ def _write_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _whole_run_loss(state: Any, result: Any, resumed_from: Path | None) -> float | None:
+    """The mean training loss over every step of the run, a resumed one included.
+
+    transformers' ``training_loss`` after a resume averages only the steps since it. The steps before are in the
+    restored log history: each logged ``loss`` is the mean over the steps since the previous log, so their sum is
+    the logged losses weighted by those step counts (exact when the checkpoint step is a logged step, which it is
+    whenever ``save_steps`` is a multiple of ``logging_steps``).
+    """
+    if result.training_loss is None:
+        return None
+    if resumed_from is None:
+        return float(result.training_loss)
+    start = int(resumed_from.name.split("-")[-1])
+    total, last = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry.get("step", 0) <= start:
+            total += float(entry["loss"]) * (entry["step"] - last)
+            last = entry["step"]
+    if last != start:
+        logger.warning(
+            "steps %d-%d before the resume were not logged (save_steps is not a multiple of logging_steps): "
+            "train_loss leaves them out",
+            last + 1,
+            start,
+        )
+    steps_after = state.global_step - start
+    counted = last + steps_after
+    return (total + float(result.training_loss) * steps_after) / counted if counted else None
+
+
 # ------------------------------------------------------------------------------------------------------- tracking
 def _setup_tracking(config: TrainConfig, args: TrainingArguments) -> dict[str, str | None]:
     """Point W&B and TensorBoard into the run folder (`phi3v.tracking`); return the environment to restore."""
@@ -1003,12 +1067,13 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
         dist.all_gather_object(digests, digest)
         if len(set(digests)) > 1:
             logger.error("ranks ended with different weights: %s", digests)
+    train_loss = _whole_run_loss(trainer.state, result, checkpoint)
     summary = TrainingSummary(
         output_dir=str(output_dir),
         mode=config.mode,
         global_step=trainer.state.global_step,
         epochs=float(trainer.state.epoch or 0.0),
-        train_loss=float(result.training_loss) if result.training_loss is not None else None,
+        train_loss=train_loss,
         runtime_seconds=round(time.perf_counter() - started, 2),
         world_size=args.world_size,
         parameters=counts,
