@@ -299,7 +299,6 @@ def test_resume_refuses_a_changed_config_and_an_empty_folder(tiny_model_dir, tin
         ("per_device_train_batch_size", 2),
         ("gradient_accumulation_steps", 2),
         ("seed", 7),
-        ("max_steps", 3),
         ("lr_scheduler_type", "linear"),
         ("train_sampling_strategy", "random"),
         ("packing", True),

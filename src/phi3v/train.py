@@ -295,7 +295,8 @@ _RESUME_KEYS = (
     "attn_implementation",
 )
 # TrainingArguments that change the trajectory (schedule, batches, data order, precision): refused on --resume when
-# they differ. The others (logging, evaluation / save cadence, trackers, workers) may change.
+# they differ. The others (logging, evaluation / save cadence, trackers, workers) may change, and so may max_steps /
+# num_train_epochs: extending or shortening a run is what a resume is often for.
 _RESUME_TRAINING_KEYS = (
     "learning_rate",
     "lr_scheduler_type",
@@ -309,8 +310,6 @@ _RESUME_TRAINING_KEYS = (
     "adam_beta1",
     "adam_beta2",
     "adam_epsilon",
-    "num_train_epochs",
-    "max_steps",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "seed",
