@@ -162,6 +162,8 @@ def test_lora_trains_adapters_and_projector_only(tiny_model_dir, tiny_dataset_di
     assert any("img_processor" in k and "lora_B" in k for k in adapter), "vision LoRA requested"
     assert any("layers.0.self_attn.qkv_proj.lora_B" in k for k in adapter)
     assert any("img_projection" in k for k in adapter), "projector saved with the adapter"
+    separators = {k for k in adapter if k.endswith(("glb_GN", "sub_GN"))}
+    assert len(separators) == 2, f"the learned separators are part of the projector: {sorted(adapter)[:8]}"
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "lora_B starts at 0 and must move"
     base = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -170,6 +172,8 @@ def test_lora_trains_adapters_and_projector_only(tiny_model_dir, tiny_dataset_di
     assert not torch.equal(
         merged["model.layers.0.self_attn.qkv_proj.weight"], before["model.layers.0.self_attn.qkv_proj.weight"]
     )
+    for name in ("model.vision_embed_tokens.separators.glb_GN", "model.vision_embed_tokens.separators.sub_GN"):
+        assert not torch.equal(merged[name], before[name]), f"{name} trained and restored with the adapter"
     assert torch.equal(merged["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     assert summary.parameters["trainable"] < summary.parameters["total"] / 2
 

@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from safetensors.torch import load_file
 
 from train_helpers import tiny_config_args
 
 
-def _torchrun_train(args: list[str], out: Path) -> dict:
-    """`phi3v train` under `torchrun --nproc_per_node 2`; its training_summary.json."""
+def _torchrun_train(args: list[str], out: Path, with_output: bool = False) -> Any:
+    """`phi3v train` under `torchrun --nproc_per_node 2`; its training_summary.json (and the launch's output)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     # CPU and gloo on every machine: two ranks on a one-GPU machine would otherwise share its GPU (NCCL refuses)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -26,7 +28,8 @@ def _torchrun_train(args: list[str], out: Path) -> dict:
         timeout=300,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads((out / "training_summary.json").read_text())
+    summary = json.loads((out / "training_summary.json").read_text())
+    return (summary, proc.stdout + proc.stderr) if with_output else summary
 
 
 @pytest.mark.slow
@@ -97,3 +100,29 @@ def test_ddp_packed_token_budget_epoch_gives_both_ranks_the_same_batches(tiny_mo
     train_logs = [row for row in logged if "loss" in row]
     assert all(row["padding_ratio"] == 1.0 for row in train_logs)
     assert max(row["tokens_per_batch"] for row in train_logs) <= budget
+
+
+@pytest.mark.slow
+def test_lora_ddp_runs_without_the_unused_parameter_search(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """LoRA on the LM and CLIP, the projector and separators trained: every trainable parameter is used in every step,
+    so DDP runs with ``find_unused_parameters=False`` (it would stop at the second step if one were not)."""
+    out = tmp_path / "lora-ddp"
+    args = tiny_config_args(
+        tiny_model_dir,
+        tiny_dataset_dir,
+        out,
+        mode="lora",
+        max_steps=3,
+        eval_strategy="no",
+        save_steps=3,
+        per_device_train_batch_size=2,
+        **{"lora.projector": True, "lora.vision": True},
+    )
+    summary, output = _torchrun_train(args, out, with_output=True)
+    assert "find_unused_parameters=False" in output, output[-3000:]
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+    digests = summary["rank_parameter_digests"]
+    assert digests[0] is not None and digests[0] == digests[1]
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("glb_GN") for k in adapter) and any("lora_B" in k for k in adapter)
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in summary["rank_peak_rss_mib"].values())

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import torch
 import transformers
 import yaml
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -93,6 +94,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "dataloader_num_workers": 2,
     "report_to": "none",
     "seed": 0,
+    # every trainable parameter takes part in every step (each sample has a photo, LoRA adapts every layer): DDP
+    # need not search the graph for unused ones. transformers would turn the search on for a PeftModel.
+    "ddp_find_unused_parameters": False,
 }
 # TrainingArguments phi3v sets itself: the collator needs every column, the model's labels key is fixed
 FORCED_TRAINING = {"remove_unused_columns": False, "label_names": ["labels"]}
@@ -106,7 +110,8 @@ class TrainingError(RuntimeError):
 @dataclass
 class LoraSettings:
     """LoRA adapter settings (``lora:`` block). ``vision`` adds adapters to the CLIP tower's attention and MLP;
-    ``projector`` trains the image projector fully (saved with the adapter)."""
+    ``projector`` trains the image projector and the ``glb_GN`` / ``sub_GN`` separators fully (saved with the
+    adapter)."""
 
     r: int = 16
     alpha: int = 32
@@ -249,10 +254,20 @@ def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
             f"{local_processes} processes per node but {torch.cuda.device_count()} visible GPU(s): each process "
             "needs a GPU of its own (NCCL refuses two ranks on one GPU). Set --nproc_per_node to the GPU count."
         )
-    if (args.fsdp or os.environ.get("ACCELERATE_USE_FSDP") == "true") and not torch.cuda.is_available():
-        raise TrainingError(
-            "FSDP needs CUDA devices: on CPU, accelerate silently falls back to DDP. Drop fsdp for CPU runs."
-        )
+    if _fsdp_requested(args) and not torch.cuda.is_available():
+        version = (args.fsdp_config or {}).get("version") or os.environ.get("FSDP_VERSION") or 2
+        if int(version) != 2:
+            raise TrainingError("FSDP on CPU processes needs FSDP2 (fsdp_version: 2); FSDP1 needs CUDA devices")
+
+
+def _rank0_loading(args: TrainingArguments) -> bool:
+    """FSDP with ``cpu_ram_efficient_loading``: only rank 0 reads the checkpoint, the others build on meta."""
+    return _fsdp_requested(args) and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true")
+
+
+def _fsdp_requested(args: TrainingArguments) -> bool:
+    """FSDP asked for by ``training.fsdp`` or by `accelerate launch` with an FSDP config."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -419,6 +434,19 @@ def _quantize_lm_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torc
     model.is_loaded_in_4bit = True
 
 
+def _untouched_cpu_parameters(model: nn.Module) -> None:
+    """Give meta parameters uninitialised CPU storage (``torch.empty``): no values are read or written, so the
+    pages are never touched and do not count in the process's resident memory, yet every parameter is a distinct
+    tensor (accelerate maps the optimizer's parameters onto their FSDP2 shards by tensor identity, which meta
+    tensors do not have). Buffers (rotary frequencies) are real already and are not broadcast, so they stay."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad
+                )
+
+
 def _set_trainable(model: nn.Module, mode: str) -> None:
     for name, param in model.named_parameters():
         param.requires_grad = not (mode == "freeze_vision" and VISION_PARAM in name)
@@ -435,7 +463,7 @@ def _apply_lora(model: nn.Module, config: TrainConfig, gradient_checkpointing: b
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
         target_modules=f"({targets})",
-        modules_to_save=["img_projection"] if config.lora.projector else None,
+        modules_to_save=["img_projection", "separators"] if config.lora.projector else None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_config)
@@ -465,9 +493,14 @@ def load_model_and_processor(
     device = None
     if config.mode == "qlora":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif _rank0_loading(args) and args.process_index != 0:
+        device = torch.device("meta")  # FSDP2 broadcasts rank 0's weights into the shards (`fsdp2_prepare_model`)
+        logger.info("rank %d: model built on the meta device; its shard comes from rank 0", args.process_index)
     model = Phi3VForCausalLM.from_pretrained(
         config.model, dtype=dtype, device=device, attn_implementation=attention_for_run(config, args)
     )
+    if device is not None and device.type == "meta":
+        _untouched_cpu_parameters(model)
     if config.mode == "qlora":
         _quantize_lm_4bit(model, dtype, device)
     if config.mode in ("lora", "qlora"):
@@ -622,6 +655,49 @@ class Phi3VTrainer(Trainer):
             self.add_callback(_SamplerEpochCallback(train_batch_sampler))
         self.generations_name: str | None = None  # file name of the next generation check (default: step-N)
         self._reset_stats()
+
+    # ---- engines
+    def create_accelerator_and_postprocess(self) -> None:
+        """accelerate selects FSDP only on accelerators (CUDA, XPU, ...): on CPU processes (gloo) it takes an FSDP
+        plugin for plain DDP, silently. FSDP2 (``fully_shard``) itself runs on a CPU device mesh, so a CPU run that
+        asks for it (``training.fsdp`` or `accelerate launch` with an FSDP config) gets accelerate's own FSDP2 path:
+        sharded parameters, gradients and optimizer states, sharded checkpoints, a consolidated final save."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU or not _fsdp_requested(self.args):
+            if self.args.world_size > 1 and state.distributed_type != DistributedType.DEEPSPEED:
+                logger.info(
+                    "%s over %d processes, find_unused_parameters=%s",
+                    state.distributed_type.value,
+                    self.args.world_size,
+                    self.args.ddp_find_unused_parameters,
+                )
+            return
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = (
+            FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if self.args.fsdp_plugin_args is not None
+            else FullyShardedDataParallelPlugin()  # from accelerate launch's FSDP_* environment
+        )
+        if self.accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(self.accelerator.mixed_precision)
+        from accelerate.state import PartialState
+
+        PartialState().distributed_type = DistributedType.FSDP  # each AcceleratorState() re-reads it from here
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
+        logger.info("FSDP2 on %d CPU processes (gloo)", self.args.world_size)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 every save (checkpoints and the final one) also writes the consolidated model in the official
+        layout, whatever ``state_dict_type`` the sharded resume state uses: all ranks gather, rank 0 writes."""
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective: full tensors on rank 0
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+            return
+        super().save_model(output_dir, _internal_call=_internal_call)
 
     # ---- optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -941,6 +1017,25 @@ class _GradientCheckpointingCallback(TrainerCallback):
             model.enable_input_require_grads()
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where `resource` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+class _MemoryCallback(TrainerCallback):
+    """Peak RSS once the model is loaded and wrapped by its engine (DDP / FSDP2 / ZeRO), before the first step."""
+
+    def __init__(self) -> None:
+        self.loaded_peak_mib: float | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.loaded_peak_mib = peak_rss_mib()
+
+
 # ------------------------------------------------------------------------------------------------------- the stage
 @dataclass
 class TrainingSummary:
@@ -959,6 +1054,7 @@ class TrainingSummary:
     best_metric: float | None
     final_eval: dict[str, float]
     rank_parameter_digests: list[str | None]
+    rank_peak_rss_mib: dict[str, list[float]]  # per rank: "loaded" (model loaded and wrapped), "end" (whole run)
     wandb_offline_run: str | None
     versions: dict[str, str]
 
@@ -1033,6 +1129,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
         (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
 
     previous_env = _setup_tracking(config, args)
+    memory = _MemoryCallback()
     try:
         trainer = Phi3VTrainer(
             model=model,
@@ -1041,7 +1138,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
             eval_dataset=eval_set,
             data_collator=Phi3VCollator(processor, prompt, template, config.max_length, packing=config.packing),
             processing_class=processor,
-            callbacks=[_GradientCheckpointingCallback(), _WandbConfigCallback(config), *(callbacks or [])],
+            callbacks=[_GradientCheckpointingCallback(), _WandbConfigCallback(config), memory, *(callbacks or [])],
             phi3v_config=config,
             generation_check=generation_check,
             train_batch_sampler=budget_sampler,
@@ -1059,6 +1156,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
 
     digest = parameter_digest(trainer.model)
     digests: list[str | None] = [digest]
+    rss = {"loaded": memory.loaded_peak_mib, "end": peak_rss_mib()}
+    rank_rss: list[dict[str, float | None]] = [rss]
     if args.world_size > 1:
         import torch.distributed as dist
 
@@ -1066,6 +1165,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
         dist.all_gather_object(digests, digest)
         if len(set(digests)) > 1:
             logger.error("ranks ended with different weights: %s", digests)
+        rank_rss = [{}] * args.world_size
+        dist.all_gather_object(rank_rss, rss)
     train_loss = _whole_run_loss(trainer.state, result, checkpoint)
     summary = TrainingSummary(
         output_dir=str(output_dir),
@@ -1081,6 +1182,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
         best_metric=trainer.state.best_metric,
         final_eval={k: (float(v) if math.isfinite(v) else None) for k, v in final_eval.items()},
         rank_parameter_digests=digests,
+        rank_peak_rss_mib={key: [r[key] for r in rank_rss] for key in ("loaded", "end")},
         wandb_offline_run=wandb_run,
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
     )

@@ -3,8 +3,9 @@
 Reference: the key table of ../shared/docs/phi3v-reference.md §2.2 (confirmed by vLLM, SGLang, MLC-LLM and the
 transformers PR converter) and the mapping onto stock transformers classes of §2.3.
 
-The official checkpoints and phi3v's modules share every name except one prefix: transformers 5's `CLIPVisionModel`
-has no `vision_model` submodule, so CLIP's keys lose that level. `KEY_RENAMES` is the whole map. Two kinds of official
+The official checkpoints and phi3v's modules share every name except one prefix and two keys: transformers 5's
+`CLIPVisionModel` has no `vision_model` submodule, so CLIP's keys lose that level, and the two separators sit in a
+`separators` module (so peft can train them). `KEY_RENAMES` is the whole map. Two kinds of official
 keys have no phi3v parameter:
 
 - `model.vision_embed_tokens.wte.weight` may appear in re-saves: the remote code's `wte` *is* `model.embed_tokens`,
@@ -45,6 +46,9 @@ SHARD_PATTERN = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 # (official prefix, phi3v prefix): the only renames between the checkpoint and phi3v's modules.
 KEY_RENAMES: tuple[tuple[str, str], ...] = (
     ("model.vision_embed_tokens.img_processor.vision_model.", "model.vision_embed_tokens.img_processor."),
+    # the separators live in a module of their own (`vision.ImageSeparators`), so peft can train them
+    ("model.vision_embed_tokens.glb_GN", "model.vision_embed_tokens.separators.glb_GN"),
+    ("model.vision_embed_tokens.sub_GN", "model.vision_embed_tokens.separators.sub_GN"),
 )
 # Official key -> the phi3v parameter it duplicates: shape-checked, then dropped (or used, when a re-save stored only
 # the duplicate).

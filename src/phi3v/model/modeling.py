@@ -37,7 +37,7 @@ from transformers.utils import is_flash_attn_2_available
 from . import checkpoint, packed
 from .configuration import Phi3VConfig
 from .hub import resolve_model_folder
-from .vision import Phi3VImageEmbedding
+from .vision import ImageSeparators, Phi3VImageEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, Phi3VImageEmbedding) and module.glb_GN.device.type != "meta":
+        if isinstance(module, ImageSeparators) and module.glb_GN.device.type != "meta":
             # The remote code creates both separators as zeros.
             with torch.no_grad():
                 module.glb_GN.zero_()
@@ -289,7 +289,9 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         Args:
             pretrained_model_name_or_path: a local folder or a hub id such as "microsoft/Phi-3.5-vision-instruct".
             dtype: "auto" (the checkpoint's `torch_dtype`), or a dtype such as torch.bfloat16 / torch.float32.
-            device: where the weights go (default CPU). `device_map` is not supported.
+            device: where the weights go (default CPU). `device_map` is not supported. ``"meta"``: parameters stay
+                on the meta device, nothing is read (headers are still checked); buffers are real. For ranks that
+                receive the weights from rank 0.
             attn_implementation: "sdpa", "eager", "flash_attention_2" or "varlen" (SDPA, but packed training rows run
                 torch's variable-length flash kernels: `packed.py`); default flash-attention when installed and
                 the dtype is half precision on CUDA, else SDPA (the checkpoint's own "flash_attention_2" is ignored).
@@ -322,8 +324,13 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
 
         with checkpoint.empty_parameters():
             model = cls(config)
-        checkpoint.load_official_checkpoint(model, folder, dtype=dtype, device=device)
-        model.to(device)  # non-persistent buffers (rotary frequencies, CLIP position ids)
+        if device.type == "meta":  # a rank that gets its weights from rank 0 (FSDP2's cpu_ram_efficient_loading)
+            checkpoint.scan_official_checkpoint(model, folder)  # the same key and shape checks; no tensor is read
+            for param in model.parameters():
+                param.data = param.data.to(dtype)  # still meta: only the dtype the weights will arrive in
+        else:
+            checkpoint.load_official_checkpoint(model, folder, dtype=dtype, device=device)
+            model.to(device)  # non-persistent buffers (rotary frequencies, CLIP position ids)
         model.config.dtype = dtype
         if (Path(folder) / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -48,6 +48,23 @@ def merge_2x2(features: torch.Tensor, h_crops: int, w_crops: int) -> torch.Tenso
     return x.reshape(n, h_crops * H // 2, w_crops * H // 2, 4 * C)  # n, 12h, 12w, 4C
 
 
+class ImageSeparators(nn.Module):
+    """The two learned separators: `glb_GN` between the sub grid and the global grid, `sub_GN` at each row's end.
+
+    A module of their own (checkpoint keys stay `model.vision_embed_tokens.glb_GN` / `.sub_GN`: `checkpoint.py`
+    renames) so that peft can train and save them with the projector (``modules_to_save``, which takes modules, not
+    bare parameters); `forward` returns them, so a peft copy replaces them in the computation too.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, width))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, width))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.glb_GN, self.sub_GN  # [1, 1, 4C], [1, 1, 1, 4C]
+
+
 class Phi3VImageEmbedding(nn.Module):
     """Images -> a sequence of LM-width features per image, in the order the processor's placeholders expect.
 
@@ -66,8 +83,7 @@ class Phi3VImageEmbedding(nn.Module):
         del self.img_processor.post_layernorm  # not computed: features come before it
 
         width = vision_config.hidden_size * 4  # after the 2x2 merge
-        self.glb_GN = nn.Parameter(torch.zeros(1, 1, width))
-        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, width))
+        self.separators = ImageSeparators(width)
         self.img_projection = nn.Sequential(
             nn.Linear(width, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
@@ -124,14 +140,15 @@ class Phi3VImageEmbedding(nn.Module):
         crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])  # [M, 3, 336, 336]
         features = self.clip_features(crops.to(dtype))  # [M, 576, C]
 
+        glb, sub_row = self.separators()  # glb_GN [1, 1, 4C], sub_GN [1, 1, 1, 4C]
         sequences = []
         start = 0
         for h, w in grids:
             image = features[start : start + 1 + h * w]  # [1 + hw, 576, C]
             start += 1 + h * w
-            sub = self._with_row_separators(merge_2x2(image[1:], h, w))  # [12h(12w+1), 4C]
-            glb = self._with_row_separators(merge_2x2(image[:1], 1, 1))  # [12*13, 4C]
-            sequences.append(torch.cat([sub, self.glb_GN[0], glb]))  # sub_glb order
+            sub = _with_row_separators(merge_2x2(image[1:], h, w), sub_row)  # [12h(12w+1), 4C]
+            global_view = _with_row_separators(merge_2x2(image[:1], 1, 1), sub_row)  # [12*13, 4C]
+            sequences.append(torch.cat([sub, glb[0], global_view]))  # sub_glb order
         return self.img_projection(torch.cat(sequences))  # [tokens, hidden]
 
     def image_token_counts(self, image_sizes: torch.Tensor) -> list[int]:
@@ -141,8 +158,17 @@ class Phi3VImageEmbedding(nn.Module):
             for h, w in image_sizes.tolist()
         ]
 
-    def _with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
-        """Append `sub_GN` to every row of a ``[1, rows, cols, 4C]`` grid -> ``[rows * (cols + 1), 4C]``."""
-        _, rows, _, width = grid.shape
-        newline = self.sub_GN.expand(1, rows, 1, width)  # [1, rows, 1, 4C]
-        return torch.cat([grid, newline], dim=2).reshape(-1, width)
+    @property
+    def glb_GN(self) -> nn.Parameter:  # noqa: N802 (the official name)
+        return self.separators.glb_GN
+
+    @property
+    def sub_GN(self) -> nn.Parameter:  # noqa: N802 (the official name)
+        return self.separators.sub_GN
+
+
+def _with_row_separators(grid: torch.Tensor, separator: torch.Tensor) -> torch.Tensor:
+    """Append `sub_GN` to every row of a ``[1, rows, cols, 4C]`` grid -> ``[rows * (cols + 1), 4C]``."""
+    _, rows, _, width = grid.shape
+    newline = separator.expand(1, rows, 1, width)  # [1, rows, 1, 4C]
+    return torch.cat([grid, newline], dim=2).reshape(-1, width)
