@@ -211,33 +211,34 @@ def test_evaluate_and_export_of_the_resumed_run(runs, tiny_model_dir, tiny_datas
     assert "NF4-dequantized base weights it was trained against" in (export / "README.md").read_text()
     capsys.readouterr()
 
-    # the adapter on its NF4 base, as it trained (Linear4bit + peft's bnb LoRA layers, not merged)
+    # the adapter on its NF4 base, as it trained (Linear4bit + peft's bnb LoRA layers, not merged), and that base alone
     from peft import PeftModel
 
-    base = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    _quantize_lm_4bit(base, torch.float32, torch.device("cpu"))
-    trained = PeftModel.from_pretrained(base, str(run)).eval()
+    def nf4_base() -> torch.nn.Module:
+        base = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        _quantize_lm_4bit(base, torch.float32, torch.device("cpu"))
+        return base.eval()
+
+    trained = PeftModel.from_pretrained(nf4_base(), str(run)).eval()
     assert len(_lm_4bit_layers(trained)) == 8
     exported = load_for_inference(str(export), device="cpu", dtype="float32")
     original = load_for_inference(str(run), device="cpu", dtype="float32", qlora_base="original")
     assert exported.kind == "exported" and original.qlora_base == "original"
     processor = exported.processor
     images = _test_images(tiny_dataset_dir, 5)  # the whole test split
-    logits = {
-        "trained": _logits(trained, processor, images),  # (5, seq, vocab)
-        "exported": _logits(exported.model, processor, images),
-        "original": _logits(original.model, processor, images),
-    }
-    answers = {name: _answers(m, processor, images) for name, m in
-               (("trained", trained), ("exported", exported.model), ("original", original.model))}  # fmt: skip
-    nf4_gap = (logits["exported"] - logits["trained"]).abs().max().item()
-    original_gap = (logits["original"] - logits["trained"]).abs().max().item()
-    same = {name: sum(answers[name][i] == answers["trained"][i] for i in range(5)) for name in answers}
-    print(
-        f"\nmax |logit diff| vs the adapter on NF4: NF4-merged export {nf4_gap:.3g}, original-base merge "
-        f"{original_gap:.3g} (logits up to {logits['trained'].abs().max().item():.3g}); greedy answers equal to the "
-        f"adapter on NF4: export {same['exported']}/5, original base {same['original']}/5"
-    )
+    models = {"trained": trained, "exported": exported.model, "original": original.model, "no adapter": nf4_base()}
+    logits = {name: _logits(model, processor, images) for name, model in models.items()}  # (5, seq, vocab) each
+    answers = {name: _answers(model, processor, images) for name, model in models.items()}
+    gap = {name: (logits[name] - logits["trained"]).abs() for name in models}  # (5, seq, vocab)
+    top1 = {name: (logits[name].argmax(-1) == logits["trained"].argmax(-1)).float().mean().item() for name in models}
+    same = {name: sum(answers[name][i] == answers["trained"][i] for i in range(5)) for name in models}
+    print(f"\nvs the adapter on NF4 (logits up to {logits['trained'].abs().max().item():.3g}):")
+    for name in ("exported", "original", "no adapter"):
+        print(
+            f"  {name}: max |logit diff| {gap[name].max().item():.3g}, mean {gap[name].mean().item():.3g}, "
+            f"top-1 token equal at {100 * top1[name]:.1f} % of positions, greedy answers equal {same[name]}/5"
+        )
+    nf4_gap, original_gap = gap["exported"].max().item(), gap["original"].max().item()
     # merged into the NF4 round trip, the export computes what the trained model computed, up to float rounding
     assert nf4_gap < 1e-4
     assert answers["exported"] == answers["trained"]
