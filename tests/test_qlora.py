@@ -23,7 +23,7 @@ from phi3v.cli import main
 from phi3v.inference import ModelLoadError, load_for_inference
 from phi3v.model.modeling import Phi3VForCausalLM
 from phi3v.model.processing import Phi3VProcessor
-from phi3v.quantization import lm_linear_layers, nf4_round_trip
+from phi3v.quantization import lm_linear_layers, nf4_linear, nf4_round_trip
 from phi3v.train import (
     COMPLETE_MARKER,
     TrainingError,
@@ -155,6 +155,24 @@ def test_the_lm_linears_are_nf4_and_only_the_adapters_train(tiny_model_dir, tiny
     first = [p for n, p in model.named_parameters() if "lora_B" in n and "model.layers.0." in n]
     assert len(first) == 4 and math.isfinite(loss.item())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in first)
+
+
+def test_an_nf4_linear_computes_with_its_dequantized_weight_in_eval_and_after_it():
+    torch.manual_seed(0)
+    for bias in (False, True):
+        linear = torch.nn.Linear(64, 192, bias=bias)
+        layer = nf4_linear(linear, torch.float32, "cpu")
+        dequantized = nf4_round_trip(linear.weight)  # (192, 64)
+        x = torch.randn(3, 64, requires_grad=True)  # (batch, in)
+        expected = x @ dequantized.T + (linear.bias if bias else 0)  # (3, 192)
+        layer.eval()
+        with torch.no_grad():  # bitsandbytes would repack the weight here on an AVX512-BF16 CPU (phi3v.quantization)
+            torch.testing.assert_close(layer(x.detach()), expected.detach(), rtol=0, atol=1e-6)
+        layer.train()
+        out = layer(x)  # (3, 192)
+        out.sum().backward()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(x.grad, torch.ones(3, 192) @ dequantized, rtol=1e-6, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------- runs

@@ -63,7 +63,7 @@ def nf4_weight(weight: torch.Tensor, device: torch.device | str) -> Any:
     """
     bnb = import_bitsandbytes("NF4 quantization")
     params = bnb.nn.Params4bit(
-        weight.detach().cpu().contiguous(),  # (out, in)
+        weight.detach().contiguous(),  # (out, in); quantized on ``device`` by the move below
         requires_grad=False,
         blocksize=BLOCKSIZE,
         compress_statistics=COMPRESS_STATISTICS,
@@ -75,10 +75,11 @@ def nf4_weight(weight: torch.Tensor, device: torch.device | str) -> Any:
 def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """A frozen `bitsandbytes.nn.Linear4bit` with ``linear``'s weight in NF4 (and its bias, if any, as it is).
 
-    bitsandbytes' CPU inference shortcut is switched off: on a CPU with AVX512-BF16, a forward in eval mode without
-    gradients repacks the weight in place for a bf16 kernel whose outputs differ from the dequantized weights'
-    (by ~7e-3 on a 64x192 layer, bitsandbytes 0.50.2), and a training forward after it no longer matches either
-    (with a bias it fails). Training alternates evaluation and training, so every forward here dequantizes.
+    bitsandbytes' CPU inference shortcut is switched off. On a CPU with AVX512-BF16 a forward in eval mode without
+    gradients repacks the weight in place for a bf16 kernel whose outputs differ from the dequantized weights' (by
+    6e-3 to 8e-3 on a 64x192 layer, bitsandbytes 0.50.2), and so do the training forwards after it, whose backward
+    then gives the input no gradient (the adapters of the layers below would get none) or, with a bias, fails.
+    Training alternates evaluation and training steps, so every forward here dequantizes.
     """
     bnb = import_bitsandbytes("mode qlora")
     quantized = bnb.nn.Linear4bit(
