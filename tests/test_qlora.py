@@ -50,6 +50,7 @@ SETTINGS = {
     "eval_steps": 4,  # the generation check at step 4 runs eval-mode forwards between training steps
     "dataloader_num_workers": 1,
     "learning_rate": 1e-3,
+    "use_cpu": True,  # the CPU path, also on a machine with a GPU
 }
 
 
@@ -138,6 +139,8 @@ def test_the_lm_linears_are_nf4_and_only_the_adapters_train(tiny_model_dir, tiny
         assert 0 < (dequantized - linear.weight).abs().max() < 0.2 * linear.weight.abs().max()  # lossy, but close
     # the vision tower and lm_head stay full precision; the 4-bit weights count their logical size
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.base_model.model.model.vision_embed_tokens.modules())
+    assert type(model.base_model.model.lm_head) is torch.nn.Linear
+    assert {p.dtype for p in model.parameters()} == {torch.uint8, torch.float32}
     lora = load_train_config(None, tiny_config_args(tiny_model_dir, tiny_dataset_dir, tmp_path / "lora"))
     lora_model, _ = load_model_and_processor(lora, lora.training_arguments())
     assert parameter_counts(model) == parameter_counts(lora_model)
@@ -216,8 +219,9 @@ def test_a_killed_qlora_run_resumes_to_the_uninterrupted_runs_losses_and_adapter
 @pytest.mark.slow
 def test_evaluate_and_export_of_the_resumed_run(runs, tiny_model_dir, tiny_dataset_dir, capsys):
     run = runs["root"] / "killed"
-    assert main(["evaluate", "--model", str(run), "--data", str(tiny_dataset_dir), "--out", str(run / "eval"),
-                 "--batch-size", "4", "--max-new-tokens", "8", "--no-ablation", "--quiet"]) == 0  # fmt: skip
+    evaluation = ["--data", str(tiny_dataset_dir), "--out", str(run / "eval"), "--device", "cpu", "--quiet"]
+    options = ["--batch-size", "4", "--max-new-tokens", "8", "--no-ablation"]
+    assert main(["evaluate", "--model", str(run), *evaluation, *options]) == 0
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["model_kind"] == "adapter" and metrics["qlora_base"] == "nf4"
     assert metrics["counts"]["rows"] == metrics["counts"]["scored"] == 5
