@@ -279,3 +279,25 @@ def test_a_qlora_adapter_loads_without_bitsandbytes_only_on_the_original_base(ru
     assert loaded.kind == "adapter" and loaded.qlora_base == "original"
     with pytest.raises(ModelLoadError, match="qlora_base must be nf4 or original"):
         load_for_inference(str(run), device="cpu", qlora_base="nf8")
+
+
+def test_every_answering_command_takes_qlora_base(capsys):
+    from phi3v.cli import _options, build_parser
+    from phi3v.evaluate import EvaluateOptions
+    from phi3v.export import ExportOptions
+    from phi3v.predict import PredictOptions
+    from phi3v.serve import ServeOptions
+
+    parser = build_parser()
+    commands = [
+        (["evaluate", "--model", "m", "--data", "d", "--out", "o"], EvaluateOptions),
+        (["predict", "--model", "m", "photo.jpg"], PredictOptions),
+        (["export", "--model", "m", "--out", "o"], ExportOptions),
+        (["serve", "--model", "m"], ServeOptions),
+    ]
+    for argv, options in commands:
+        assert _options(options, parser.parse_args(argv)).qlora_base == "nf4"
+        assert _options(options, parser.parse_args([*argv, "--qlora-base", "original"])).qlora_base == "original"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--qlora-base", "fp4"])
+    assert "invalid choice: 'fp4'" in capsys.readouterr().err
