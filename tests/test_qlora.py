@@ -116,6 +116,9 @@ def test_preflight_accepts_qlora_on_cpu_and_names_the_missing_bitsandbytes(
 ):
     config = _config(tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
     _preflight(config, config.training_arguments())  # no GPU needed any more
+    monkeypatch.setattr(bnb, "__version__", "0.43.1")  # a release older than the CPU path was tested with: named
+    with pytest.raises(TrainingError, match=r"on the CPU needs bitsandbytes >= 0\.50\.2 .*found 0\.43\.1"):
+        _preflight(config, config.training_arguments())
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
     with pytest.raises(TrainingError, match=r"mode qlora .*needs bitsandbytes.*pip install 'phi3v\[qlora\]'"):
         _preflight(config, config.training_arguments())

@@ -25,6 +25,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'phi3v[qlora]'"
+CPU_BITSANDBYTES = "0.50.2"  # the release whose CPU NF4 forward and backward phi3v's tests ran (the extra's floor)
 QUANT_TYPE = "nf4"
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights: one absmax per 64 weights
 COMPRESS_STATISTICS = True  # the absmax values themselves quantized to 8 bits (QLoRA's "double quantization")

@@ -235,12 +235,20 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
 def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
     """Refuse runs that cannot work, before any weights load."""
     if config.mode == "qlora":  # NF4 on the GPU, or on the CPU without one (bitsandbytes >= 0.50)
-        from phi3v.quantization import import_bitsandbytes
+        from packaging.version import Version
+
+        from phi3v.quantization import CPU_BITSANDBYTES, import_bitsandbytes
 
         try:
-            import_bitsandbytes("mode qlora (the LM quantized to 4-bit NF4)")
+            bnb = import_bitsandbytes("mode qlora (the LM quantized to 4-bit NF4)")
         except ImportError as err:
             raise TrainingError(f"{err}; or use mode lora (the same adapters on full-precision weights)") from err
+        on_cpu = args.use_cpu or not torch.cuda.is_available()
+        if on_cpu and Version(bnb.__version__) < Version(CPU_BITSANDBYTES):
+            raise TrainingError(
+                f"mode qlora on the CPU needs bitsandbytes >= {CPU_BITSANDBYTES} (4-bit NF4 on CPU), found "
+                f"{bnb.__version__}: pip install 'phi3v[qlora]'"
+            )
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if torch.cuda.is_available() and not args.use_cpu and local_processes > torch.cuda.device_count():
         raise TrainingError(
