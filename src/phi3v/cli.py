@@ -393,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     ev.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the trained value)")
     ev.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    ev.add_argument(
+        "--qlora-base",
+        default="nf4",
+        choices=["nf4", "original"],
+        help="what a qlora adapter is merged into: nf4 = the NF4 weights it trained against, original = the base as "
+        "stored (default: %(default)s)",
+    )
     ev.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
     ev.add_argument("--answer-template", default=None, help="default: the template the model was trained with")
     ev.add_argument(
@@ -425,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     pred.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the trained value)")
     pred.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    pred.add_argument(
+        "--qlora-base",
+        default="nf4",
+        choices=["nf4", "original"],
+        help="what a qlora adapter is merged into: nf4 = the NF4 weights it trained against, original = the base as "
+        "stored (default: %(default)s)",
+    )
     pred.add_argument("--override-trained", action="store_true", help="allow a --num-crops other than the trained one")
     pred.add_argument("--timeout", type=float, default=20.0, help="seconds per download attempt (default: %(default)s)")
     pred.add_argument("--retries", type=int, default=2, help="extra download attempts (default: %(default)s)")
@@ -450,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", default=None, help="metrics.json for the model card (default: MODEL/eval/metrics.json)"
     )
     exp.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    exp.add_argument(
+        "--qlora-base",
+        default="nf4",
+        choices=["nf4", "original"],
+        help="what a qlora adapter is merged into: nf4 = the NF4 weights it trained against, original = the base as "
+        "stored (default: %(default)s)",
+    )
     exp.add_argument("--device", default="cpu", help="where the adapter is merged (default: %(default)s)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     exp.set_defaults(func=cmd_export)
@@ -468,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     srv.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the trained value)")
     srv.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: the one it names)")
+    srv.add_argument(
+        "--qlora-base",
+        default="nf4",
+        choices=["nf4", "original"],
+        help="what a qlora adapter is merged into: nf4 = the NF4 weights it trained against, original = the base as "
+        "stored (default: %(default)s)",
+    )
     srv.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
     srv.add_argument("--answer-template", default=None, help="default: the template the model was trained with")
     srv.add_argument(

@@ -81,6 +81,8 @@ class EvaluateOptions:
         ablation: Also answer with blank images (proof that the image is used).
         limit: Score only the first N rows of the split.
         device / dtype / num_crops / base_model: Model loading (`load_for_inference`).
+        qlora_base: What a ``qlora`` adapter is merged into: ``nf4`` (the weights it trained against) or
+            ``original`` (`load_for_inference`).
         prompt / answer_template: Override the ones the model was trained with (default: its train_config.yaml,
             else phi3v's defaults).
         override_trained: Allow ``num_crops`` / ``prompt`` / ``answer_template`` other than the trained ones
@@ -103,6 +105,7 @@ class EvaluateOptions:
     dtype: str = "auto"
     num_crops: int | None = None
     base_model: str | None = None
+    qlora_base: Literal["nf4", "original"] = "nf4"
     prompt: str | None = None
     answer_template: str | None = None
     override_trained: bool = False
@@ -165,6 +168,7 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
         prompt=options.prompt,
         answer_template=options.answer_template,
         override_trained=options.override_trained,
+        qlora_base=options.qlora_base,
     )
     prompt = loaded.prompt(options.prompt)
     template = loaded.answer_template(options.answer_template)
@@ -221,6 +225,7 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
         "model": options.model,
         "model_kind": loaded.kind,
         "base_model": loaded.base,
+        "qlora_base": loaded.qlora_base,
         "data": options.data,
         "split": options.split,
         "prompt": prompt,

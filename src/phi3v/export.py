@@ -8,8 +8,9 @@ Steps, top to bottom (`export`):
    ``checkpoint-N`` folders or an earlier export (it needs the run's ``train_config.yaml``); OUT must be empty or
    absent unless ``overwrite``, and must not hold MODEL.
 2. Load the model with `phi3v.inference.load_for_inference` in float32 (a LoRA adapter is merged into its base at
-   full precision), then cast it to the export dtype: ``auto`` keeps the dtype of the checkpoint the weights came from
-   (the base model's ``torch_dtype`` for an adapter: bfloat16 for the Phi-3 hub models; float32 for a full run).
+   full precision; a ``qlora`` adapter into the base chosen by ``qlora_base``, below), then cast it to the export
+   dtype: ``auto`` keeps the dtype of the checkpoint the weights came from (the base model's ``torch_dtype`` for an
+   adapter: bfloat16 for the Phi-3 hub models; float32 for a full run).
 3. Write everything into a temporary sibling folder ``.OUT.tmp-<random>``:
 
    - the weights with `Phi3VForCausalLM.save_pretrained` (official tensor names, shards of at most
@@ -31,6 +32,22 @@ Steps, top to bottom (`export`):
    so a crash never leaves a half-written export under OUT.
 
 Nothing is ever unpickled: the run's ``training_args.bin`` is not read nor copied.
+
+A ``qlora`` adapter was trained against the LM's linear weights quantized to NF4, not against the original ones.
+``qlora_base`` says which base it is merged into; either way the export is a plain dense model (loading it needs no
+bitsandbytes):
+
+- ``nf4`` (default): the NF4 round trip of the base's LM linear weights (the same codes as in training,
+  dequantized; `phi3v.quantization`). The merged model computes what the trained model computed in training and in
+  `phi3v evaluate` of the run, up to float rounding (tests/test_qlora.py checks the logits), so the metrics copied
+  into the model card describe the exported weights. Its LM weights are a lossy copy of the original base; the
+  adapter was fitted to that copy.
+- ``original``: the base as stored. Adding the adapter to weights it never saw brings back the quantization error
+  (W - NF4(W)), which the adapter may have partly compensated: that is a model nobody trained nor evaluated, so
+  score it (``phi3v evaluate --qlora-base original``) before shipping it. docs/train.md ("QLoRA") has the
+  difference between the two measured on the tiny random model.
+
+``export_info.json`` records the choice (``qlora_base``; null for other modes).
 """
 
 from __future__ import annotations
@@ -104,6 +121,9 @@ class ExportOptions:
         metrics: A ``metrics.json`` of `phi3v evaluate` for the model card (default: ``MODEL/eval/metrics.json``
             when it exists).
         base_model: The base of a LoRA adapter, overriding the one it names.
+        qlora_base: What a ``qlora`` adapter is merged into: ``nf4`` (default: the NF4 round trip of the base's LM
+            weights, which the adapter was trained against) or ``original`` (the base as stored; see the module
+            docstring).
         device: Where the model is loaded and merged (default ``cpu``; ``cuda`` merges faster).
         overwrite: Replace a non-empty OUT.
     """
@@ -114,6 +134,7 @@ class ExportOptions:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     metrics: str | None = None
     base_model: str | None = None
+    qlora_base: Literal["nf4", "original"] = "nf4"
     device: str | None = "cpu"
     overwrite: bool = False
 
@@ -180,7 +201,12 @@ def export(options: ExportOptions) -> ExportResult:
     # 2. the model, merged at full precision, then cast
     logger.info("loading %s", source)
     loaded = load_for_inference(
-        str(source), base_model=options.base_model, device=options.device, dtype="float32", num_crops=None
+        str(source),
+        base_model=options.base_model,
+        device=options.device,
+        dtype="float32",
+        num_crops=None,
+        qlora_base=options.qlora_base,
     )
     dtype = _export_dtype(options.dtype, loaded, info_before)
     loaded.model.to(dtype)
@@ -209,6 +235,7 @@ def export(options: ExportOptions) -> ExportResult:
             "source_kind": kind,
             "base_model": base_model,
             "mode": train_config.get("mode"),
+            "qlora_base": loaded.qlora_base,
             "dtype": str(dtype).removeprefix("torch."),
             "max_shard_size": options.max_shard_size,
             "shards": shards,
@@ -465,6 +492,17 @@ def _format_metric(value: Any, kind: str) -> str:
     return f"{100 * value:.1f} %" if kind == "percent" else f"{value:.3f}"
 
 
+def _merge_note(info: dict[str, Any]) -> str:
+    """How an adapter became the export's weights, for the model card (empty for full weights)."""
+    if info.get("source_kind") != "adapter":
+        return ""
+    if info.get("qlora_base") == "nf4":
+        return " (QLoRA adapter merged into the NF4-dequantized base weights it was trained against)"
+    if info.get("qlora_base") == "original":
+        return " (QLoRA adapter merged into the original base weights, not the NF4 ones it was trained against)"
+    return " (LoRA adapter merged into the base weights)"
+
+
 def model_card(
     info: dict[str, Any],
     train_config: dict[str, Any],
@@ -505,8 +543,7 @@ def model_card(
                 ("base model", f"`{base}`"),
                 (
                     "fine-tuning mode",
-                    f"`{mode}`"
-                    + (" (LoRA adapter merged into the base weights)" if info.get("source_kind") == "adapter" else ""),
+                    f"`{mode}`" + _merge_note(info),
                 ),
                 ("exported from", f"`{info.get('source')}` ({info.get('source_kind')})"),
                 (

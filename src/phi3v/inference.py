@@ -1,7 +1,12 @@
 """Load a Phi-3-V model for answering: what `phi3v evaluate` (and `phi3v predict`) accept as ``--model``.
 
 - A `phi3v train` output or one of its ``checkpoint-N`` folders holding a LoRA adapter (``adapter_config.json``):
-  the base model named in the adapter (or ``--base-model``) is loaded and the adapter merged into it.
+  the base model named in the adapter (or ``--base-model``) is loaded and the adapter merged into it. The adapter of
+  a ``qlora`` run was trained against the NF4-quantized LM, so by default (``qlora_base="nf4"``) its base's LM
+  linear weights are first replaced by their NF4 round trip (`phi3v.quantization.round_trip_lm_weights`: the same
+  codes, dequantized), which makes the merged model compute what the adapter computed in training, in full
+  precision; ``qlora_base="original"`` merges into the original weights instead (they differ by the quantization
+  error; docs/train.md, "QLoRA", has the measured difference). The NF4 base needs bitsandbytes.
 - A folder with full weights (``config.json`` + safetensors): a full / frozen-vision training output, a checkpoint, a
   `phi3v export` folder (marked by its ``export_info.json``), or a base model (zero-shot).
 - A hub id such as ``microsoft/Phi-3.5-vision-instruct`` (zero-shot); offline, that fails at once with the reason.
@@ -53,6 +58,8 @@ class LoadedModel:
         dtype: Their dtype.
         overrides: Trained settings replaced at the caller's request (``--override-trained``): name ->
             ``{"trained": ..., "used": ...}``; empty when the model answers as it was trained.
+        qlora_base: For a ``qlora`` adapter, the base weights it was merged into: ``nf4`` (the NF4 round trip the
+            adapter was trained against) or ``original``; None for anything else.
     """
 
     model: nn.Module
@@ -64,6 +71,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    qlora_base: Literal["nf4", "original"] | None = None
 
     def prompt(self, override: str | None = None) -> str:
         """The user turn to answer with: ``override``, else the one the model was trained with, else phi3v's."""
@@ -166,6 +174,7 @@ def load_for_inference(
     prompt: str | None = None,
     answer_template: str | None = None,
     override_trained: bool = False,
+    qlora_base: Literal["nf4", "original"] = "nf4",
 ) -> LoadedModel:
     """Load ``model`` (see the module docstring for what it may be) for generation.
 
@@ -178,19 +187,26 @@ def load_for_inference(
         prompt / answer_template: The ones the caller will answer with (checked here against the trained ones).
         override_trained: Allow ``num_crops`` / ``prompt`` / ``answer_template`` other than the trained ones
             (`check_trained_settings`; recorded in `LoadedModel.overrides`).
+        qlora_base: What a ``qlora`` run's adapter is merged into: ``nf4`` (default: the base's LM linear weights
+            quantized to NF4 as in training and dequantized) or ``original`` (the base as stored). Other adapters
+            and full weights ignore it.
 
     Raises:
         ModelLoadError: A folder that holds neither an adapter nor a model, an adapter without a known base or
-            stored as a pickle (``adapter_model.bin``: safetensors only), or settings that differ from the trained
-            ones without ``override_trained``.
+            stored as a pickle (``adapter_model.bin``: safetensors only), settings that differ from the trained
+            ones without ``override_trained``, a bad ``qlora_base``, or a ``qlora`` adapter on the ``nf4`` base
+            without bitsandbytes.
         FileNotFoundError / OSError: A path that does not exist, or a hub id that cannot be fetched (offline).
     """
     from phi3v.model.hub import resolve_model_folder
     from phi3v.model.modeling import Phi3VForCausalLM
     from phi3v.model.processing import Phi3VProcessor
 
+    if qlora_base not in ("nf4", "original"):
+        raise ModelLoadError(f"qlora_base must be nf4 or original, got {qlora_base!r}")
     target = pick_device(device)
     weights_dtype = pick_dtype(dtype, target)
+    merged_into: Literal["nf4", "original"] | None = None
     path = Path(model)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -210,7 +226,12 @@ def load_for_inference(
         overrides = check_trained_settings(model, train_config, given, override_trained)
         base = base_model or _adapter_base(path, train_config)
         logger.info("loading base model %s for the adapter in %s", base, path)
-        network = Phi3VForCausalLM.from_pretrained(base, dtype=weights_dtype, device=target)
+        if (train_config or {}).get("mode") == "qlora":
+            merged_into = qlora_base
+        if merged_into == "nf4":
+            network = _nf4_base(path, base, train_config or {}, weights_dtype, target)
+        else:
+            network = Phi3VForCausalLM.from_pretrained(base, dtype=weights_dtype, device=target)
         network = PeftModel.from_pretrained(network, str(path)).merge_and_unload()
         kind: Literal["adapter", "full", "exported", "base"] = "adapter"
         has_processor = any((path / name).is_file() for name in PROCESSOR_FILES)
@@ -237,4 +258,30 @@ def load_for_inference(
     processor = Phi3VProcessor.from_pretrained(processor_folder, **options)
     network.eval()
     network.config.use_cache = True
-    return LoadedModel(network, processor, kind, model, base, train_config, target, weights_dtype, overrides)
+    return LoadedModel(
+        network, processor, kind, model, base, train_config, target, weights_dtype, overrides, merged_into
+    )
+
+
+def _nf4_base(
+    adapter: Path, base: str, train_config: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """The base of a ``qlora`` adapter as it trained: loaded in the dtype training quantized from (the run's
+    ``model_dtype``, or for ``auto`` the checkpoint's own, as `phi3v.train` picks it), the LM linear weights
+    replaced by their NF4 round trip, then cast to ``dtype``."""
+    from phi3v.model.modeling import Phi3VForCausalLM
+    from phi3v.quantization import checkpoint_dtype, import_bitsandbytes, round_trip_lm_weights
+
+    try:
+        import_bitsandbytes(f"{adapter}: a qlora adapter merged into its NF4 base (the weights it trained against)")
+    except ImportError as err:
+        raise ModelLoadError(
+            f"{err}; or pass --qlora-base original to merge it into the original weights (which differ from "
+            "the trained ones by the quantization error)"
+        ) from err
+    trained_dtype = train_config.get("model_dtype")
+    source_dtype = getattr(torch, trained_dtype) if trained_dtype not in (None, "auto") else checkpoint_dtype(base)
+    network = Phi3VForCausalLM.from_pretrained(base, dtype=source_dtype, device=device)
+    layers = round_trip_lm_weights(network)
+    logger.info("qlora adapter: %d LM linear layers of %s replaced by their NF4 round trip", layers, base)
+    return network.to(dtype)

@@ -73,6 +73,8 @@ class PredictOptions:
         max_new_tokens: Answer length bound.
         constrained: Hold answers to the template's grammar (categories of the training data, numeric price).
         device / dtype / num_crops / base_model: Model loading (`phi3v.inference.load_for_inference`).
+        qlora_base: What a ``qlora`` adapter is merged into: ``nf4`` (the weights it trained against) or
+            ``original``.
         override_trained: Allow a ``num_crops`` other than the trained one (refused otherwise).
         timeout: Seconds per download attempt.
         retries: Extra download attempts after timeouts, connection errors, 5xx and 429.
@@ -93,6 +95,7 @@ class PredictOptions:
     dtype: str = "auto"
     num_crops: int | None = None
     base_model: str | None = None
+    qlora_base: Literal["nf4", "original"] = "nf4"
     override_trained: bool = False
     timeout: float = 20.0
     retries: int = 2
@@ -188,6 +191,7 @@ def predict(options: PredictOptions, stdout: IO[str] | None = None) -> PredictRe
         dtype=options.dtype,
         num_crops=options.num_crops,
         override_trained=options.override_trained,
+        qlora_base=options.qlora_base,
     )
     trained_with = loaded.train_config or {}
     if loaded.train_config is None:

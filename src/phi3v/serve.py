@@ -74,7 +74,7 @@ class ServeOptions:
         port: TCP port (0: a free one, for tests).
         served_model_name: The ``model`` id in responses and ``/v1/models``; default: the folder's name (a hub id as
             given).
-        device / dtype / num_crops / base_model: As for `phi3v evaluate`.
+        device / dtype / num_crops / base_model / qlora_base: As for `phi3v evaluate`.
         prompt / answer_template: Override the prompt and template the model was trained with (with
             ``override_trained`` only, as for `phi3v evaluate`).
         override_trained: Allow ``num_crops`` / ``prompt`` / ``answer_template`` other than the trained ones.
@@ -104,6 +104,7 @@ class ServeOptions:
     dtype: str = "auto"
     num_crops: int | None = None
     base_model: str | None = None
+    qlora_base: Literal["nf4", "original"] = "nf4"
     prompt: str | None = None
     answer_template: str | None = None
     override_trained: bool = False
@@ -709,6 +710,7 @@ class ModelRunner:
             prompt=options.prompt,
             answer_template=options.answer_template,
             override_trained=options.override_trained,
+            qlora_base=options.qlora_base,
         )
         self.prompt = self.loaded.prompt(options.prompt)
         self.template = self.loaded.answer_template(options.answer_template)

@@ -6,15 +6,17 @@
 Steps, top to bottom (`train`):
 
 1. Load and validate the config (`TrainConfig`: phi3v keys, ``lora:`` block, ``training:`` = any
-   `transformers.TrainingArguments` option); refuse a run that cannot work (QLoRA without CUDA, FSDP on CPU, an
-   output folder holding another run) before loading anything.
+   `transformers.TrainingArguments` option); refuse a run that cannot work (QLoRA without bitsandbytes, FSDP1 on
+   CPU processes, an output folder holding another run) before loading anything. FSDP2 on CPU processes runs
+   (accelerate's FSDP2 path, which accelerate itself would replace by DDP: `Phi3VTrainer`).
 2. Open the prepared dataset (`phi3v.data.collate.load_prepared_dataset`) and compute every row's token count from
    the JPEG headers, for length-grouped batches, token budgets (``max_tokens_per_batch``) and packing (``packing``:
    each batch one padding-free row, `phi3v.data.packing`); a budget below the longest row or a ``max_length`` that
    would cut a packed sample fails here, naming the row.
 3. Load the processor and the model, then apply the mode: ``lora`` (peft LoRA on the LM's attention and MLP,
    optionally the CLIP tower; optionally the projector fully trained), ``qlora`` (the same on a 4-bit NF4 LM,
-   bitsandbytes on CUDA), ``full``, ``freeze_vision`` (LM + projector).
+   bitsandbytes, quantized on the GPU or on the CPU without one: `phi3v.quantization`), ``full``, ``freeze_vision``
+   (LM + projector).
 4. Train with `Phi3VTrainer`: per-component learning rates, a non-finite loss stops the run, padding ratio and
    throughput logged, a generation check on a fixed validation subset at each evaluation (price scored over every
    answer, a missing price counted as an error of 100 %; category; title; a `wandb.Table` of image, truth and
@@ -238,16 +240,21 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
 # ------------------------------------------------------------------------------------------------------- checks
 def _preflight(config: TrainConfig, args: TrainingArguments) -> None:
     """Refuse runs that cannot work, before any weights load."""
-    if config.mode == "qlora":
-        if not torch.cuda.is_available():
-            raise TrainingError(
-                "mode qlora quantizes the LM to 4 bits with bitsandbytes, which needs a CUDA GPU; this machine has "
-                "none. Use mode lora (same adapters on full-precision weights) or run on a GPU."
-            )
+    if config.mode == "qlora":  # NF4 on the GPU, or on the CPU without one (bitsandbytes >= 0.50)
+        from packaging.version import Version
+
+        from phi3v.quantization import CPU_BITSANDBYTES, import_bitsandbytes
+
         try:
-            import bitsandbytes  # noqa: F401
+            bnb = import_bitsandbytes("mode qlora (the LM quantized to 4-bit NF4)")
         except ImportError as err:
-            raise TrainingError("mode qlora needs bitsandbytes: pip install bitsandbytes") from err
+            raise TrainingError(f"{err}; or use mode lora (the same adapters on full-precision weights)") from err
+        on_cpu = args.use_cpu or not torch.cuda.is_available()
+        if on_cpu and Version(bnb.__version__) < Version(CPU_BITSANDBYTES):
+            raise TrainingError(
+                f"mode qlora on the CPU needs bitsandbytes >= {CPU_BITSANDBYTES} (4-bit NF4 on CPU), found "
+                f"{bnb.__version__}: pip install 'phi3v[qlora]'"
+            )
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if torch.cuda.is_available() and not args.use_cpu and local_processes > torch.cuda.device_count():
         raise TrainingError(
@@ -405,33 +412,29 @@ def _check_output_dir(config: TrainConfig, resume: bool) -> Path | None:
 def _model_dtype(config: TrainConfig, args: TrainingArguments) -> torch.dtype:
     if config.model_dtype != "auto":
         return getattr(torch, config.model_dtype)
-    if config.mode == "qlora" or (config.mode == "lora" and args.bf16):
+    if config.mode == "qlora":
+        from phi3v.quantization import checkpoint_dtype
+
+        # the NF4 codes come from the weights as stored (bf16 for the hub models), the compute dtype too; the rest is
+        # upcast to fp32 (`prepare_model_for_kbit_training`). `phi3v.inference` recomputes the same codes for a merge.
+        return checkpoint_dtype(config.model)
+    if config.mode == "lora" and args.bf16:
         return torch.bfloat16  # frozen base weights in bf16; every trained tensor is made fp32 (`_apply_lora`)
     return torch.float32  # trained weights: fp32 master copy, bf16 autocast when args.bf16
 
 
 def _quantize_lm_4bit(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Replace the LM decoder's linear layers by bitsandbytes NF4 ``Linear4bit`` (QLoRA). The other weights load in
-    ``compute_dtype``; `prepare_model_for_kbit_training` (in `_apply_lora`) then upcasts them to float32."""
-    import bitsandbytes as bnb
+    """Replace the LM decoder's linear layers by frozen bitsandbytes NF4 ``Linear4bit`` (QLoRA), quantized on
+    ``device`` (a GPU, or the CPU). The other weights stay as loaded; `prepare_model_for_kbit_training` (in
+    `_apply_lora`) then upcasts them to float32."""
+    from phi3v.quantization import lm_linear_layers, nf4_linear
 
-    for layer in model.model.layers:
-        for parent in layer.modules():
-            for name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear:
-                    continue
-                quantized = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=compute_dtype,
-                    quant_type="nf4",
-                )
-                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                if child.bias is not None:
-                    quantized.bias = nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, name, quantized.to(device))  # .to(cuda) quantizes
-    model.is_loaded_in_4bit = True
+    replaced = 0
+    for parent, name, child in list(lm_linear_layers(model)):
+        setattr(parent, name, nf4_linear(child, compute_dtype, device))
+        replaced += 1
+    model.is_loaded_in_4bit = True  # peft: wrap Linear4bit layers with its bnb LoRA layers
+    logger.info("qlora: %d LM linear layers quantized to NF4 on %s (compute dtype %s)", replaced, device, compute_dtype)
 
 
 def _untouched_cpu_parameters(model: nn.Module) -> None:
@@ -491,8 +494,9 @@ def load_model_and_processor(
     processor = processor if processor is not None else load_processor(config)
     dtype = _model_dtype(config, args)
     device = None
-    if config.mode == "qlora":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if config.mode == "qlora":  # quantized where it trains: this process's GPU, else the CPU
+        on_gpu = torch.cuda.is_available() and not args.use_cpu
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
     elif _rank0_loading(args) and args.process_index != 0:
         device = torch.device("meta")  # FSDP2 broadcasts rank 0's weights into the shards (`fsdp2_prepare_model`)
         logger.info("rank %d: model built on the meta device; its shard comes from rank 0", args.process_index)
@@ -514,10 +518,11 @@ def load_model_and_processor(
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable and total parameter counts (4-bit weights count their logical size)."""
+    """Trainable and total parameter counts (4-bit weights count their logical size, from their quant state)."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes Params4bit: packed codes, (out * in / 2, 1)
+        n = quant_state.shape.numel() if quant_state is not None else param.numel()
         total += n
         trainable += n if param.requires_grad else 0
     return {"trainable": trainable, "total": total}
