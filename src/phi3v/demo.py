@@ -206,7 +206,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     with _offline_wandb(options.report_to):
-        summary = train(load_train_config(config_path))
+        summary = train(load_train_config(config_path), progress=options.progress)
     lap("train")
 
     # 6. evaluate on the test split
