@@ -183,14 +183,27 @@ def test_the_page_answers_like_the_api_and_shows_its_errors(browser, server, tmp
     assert page.text_content("#error-code") == f"422 {error['type']}"
     assert page.is_visible("#error") and not page.is_visible("#answer")
     assert page.get_attribute("body", "data-state") == "error"
+    hint = page.text_content("#error-hint")
+    assert hint == "notes.txt is text/plain, not an image: pick a photo (JPEG, PNG, WebP, ...).", hint
+    page.screenshot(path=str(tmp_path / "page-error.png"))
 
-    # still usable: another photo (another shape) is answered and the error goes away
+    # still usable: another photo (another shape), dropped on the page this time, is answered and the error goes away
     second = _synth_photo(tmp_path, "bag.jpg", 1)
     Image.open(second).resize((320, 200)).save(second, "JPEG", quality=90)
-    page.set_input_files("#file", str(second))
+    dropped = page.evaluate_handle(
+        """([name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            return transfer;
+        }""",
+        [second.name, base64.b64encode(second.read_bytes()).decode()],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
     _wait_for(page, "answers", 2)
     assert _page_answer(page) == _expected(_api_answer(server, second))
     assert page.is_visible("#answer") and not page.is_visible("#error")
+    assert page.text_content("#file-name") == f"bag.jpg ({int(second.stat().st_size / 1024 + 0.5)} KB)"
 
     screenshot = tmp_path / "page.png"
     page.screenshot(path=str(screenshot), full_page=True)
