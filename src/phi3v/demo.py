@@ -104,7 +104,7 @@ class DemoOptions:
         catalog: A real catalog (hub id or CSV / Parquet / JSONL) instead of the drawn one.
         model: A real base model (hub id or folder) instead of the tiny random one.
         report_to: ``wandb`` (offline without an API key) or ``none``.
-        progress: Progress bars.
+        progress: Show progress (`phi3v.progress`: bars on a terminal, else periodic log lines).
     """
 
     out: str = "runs/demo"
