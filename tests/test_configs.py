@@ -165,11 +165,12 @@ def _doc_train_overrides() -> list[list[str]]:
 def test_doc_train_commands_overrides_are_accepted():
     commands = _doc_train_overrides()
     assert len(commands) >= 8, "docs/train.md lost its train commands"
+    from phi3v.cli import build_parser
+
     for argv in commands:
         assert argv[0] == "--config"
-        path, overrides = argv[1], argv[2:]
-        if "--resume" in overrides:
-            overrides.remove("--resume")
+        args, overrides = build_parser().parse_known_args(["train", *argv])  # --resume, --quiet, --threads: the CLI's
+        path = args.config
         assert (ROOT / path).is_file(), path
         if "--deepspeed" in overrides:  # TrainingArguments needs the deepspeed package for it
             i = overrides.index("--deepspeed")

@@ -35,6 +35,33 @@ def _log_info() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per downloaded image otherwise
 
 
+def _thread_count(text: str) -> int:
+    """argparse type of ``--threads``."""
+    from phi3v.threads import parse_thread_count
+
+    try:
+        return parse_thread_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_thread_count,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: the cores this process may use, or OMP_NUM_THREADS when set)",
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply and log ``--threads`` (`phi3v.threads.set_threads`) before the command's heavy work."""
+    from phi3v.threads import set_threads
+
+    set_threads(args.threads)
+
+
 def _options(cls: type, args: argparse.Namespace, **given: object) -> object:
     """An options dataclass from the parsed flags of the same names (``given`` sets the others)."""
     import dataclasses
@@ -110,6 +137,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from phi3v.data.download import DownloadConfig
     from phi3v.prepare import PrepareOptions, prepare, summary_table
 
+    _log_info()
     fractions = tuple(float(x) for x in args.splits.split(","))
     if len(fractions) != 3:
         raise ValueError(f"--splits takes three fractions (train,validation,test), got {args.splits!r}")
@@ -165,9 +193,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from phi3v.train import TrainingError, load_train_config, train
 
     _log_info()
+    _set_threads(args)
     try:
         config = load_train_config(args.config, overrides)
-        summary = train(config, resume=args.resume)
+        summary = train(config, resume=args.resume, progress=not args.quiet)
     except (ConfigError, DatasetError, TrainingError) as err:
         print(f"phi3v train: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
@@ -187,6 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from phi3v.report import verdicts
 
     _log_info()
+    _set_threads(args)
     try:
         options = _options(EvaluateOptions, args, ablation=not args.no_ablation, progress=not args.quiet)
         result = evaluate(options)
@@ -217,6 +247,7 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"phi3v predict: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
     _log_info()
+    _set_threads(args)
     try:
         options = _options(PredictOptions, args, inputs=[*args.inputs, *extra], progress=not args.quiet)
         result = predict(options)
@@ -261,6 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from phi3v.serve import ServeError, ServeOptions, serve
 
     _log_info()
+    _set_threads(args)
     options = _options(
         ServeOptions,
         args,
@@ -281,6 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from phi3v.report import verdicts
 
     _log_info()
+    _set_threads(args)
     options = _options(DemoOptions, args, progress=not args.quiet)
     try:
         result = run_demo(options)
@@ -332,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-bytes", type=int, default=20_000_000, help="per image (default: %(default)s)")
     prep.add_argument("--max-side", type=int, default=None, help="resize on the way in: long side <= N px")
     prep.add_argument("--no-retry-failed", action="store_true", help="on a re-run, keep journaled transient failures")
-    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.add_argument("--quiet", action="store_true", help="no progress (bar or log lines)")
     prep.set_defaults(func=cmd_prepare)
     synth = commands.add_parser("synth", help="draw a sample catalog whose photos determine the labels")
     synth.add_argument("--out", required=True)
@@ -368,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", default=None, help="YAML config (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress (bar or log lines); warnings still show")
+    _add_threads(train)
     train.set_defaults(func=cmd_train, takes_overrides=True)
     ev = commands.add_parser(
         "evaluate",
@@ -409,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--report-to", default="none", choices=["none", "wandb"], help="default: %(default)s")
     ev.add_argument("--wandb-project", default="phi3v", help="default: %(default)s")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--quiet", action="store_true", help="no progress (bars or log lines)")
+    _add_threads(ev)
     ev.set_defaults(func=cmd_evaluate)
     pred = commands.add_parser(
         "predict",
@@ -443,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--timeout", type=float, default=20.0, help="seconds per download attempt (default: %(default)s)")
     pred.add_argument("--retries", type=int, default=2, help="extra download attempts (default: %(default)s)")
     pred.add_argument("--max-bytes", type=int, default=20_000_000, help="largest download (default: %(default)s)")
-    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.add_argument("--quiet", action="store_true", help="no progress (bar or log lines)")
+    _add_threads(pred)
     pred.set_defaults(func=cmd_predict, takes_overrides=True)  # extras: inputs given after options
     exp = commands.add_parser(
         "export",
@@ -523,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
     )
     srv.add_argument("--no-access-log", action="store_true", help="no line per request")
+    _add_threads(srv)
     srv.set_defaults(func=cmd_serve)
     demo = commands.add_parser(
         "demo", help="the whole job on a drawn sample catalog: prepare, train, evaluate (offline, CPU, minutes)"
@@ -534,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--catalog", default=None, help="a real catalog (hub id or file) instead of the drawn one")
     demo.add_argument("--model", default=None, help="a real base model (hub id or folder), trained with LoRA")
     demo.add_argument("--report-to", default="wandb", choices=["wandb", "none"], help="W&B: offline without a key")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help="no progress (bars or log lines)")
+    _add_threads(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -104,7 +104,7 @@ class DemoOptions:
         catalog: A real catalog (hub id or CSV / Parquet / JSONL) instead of the drawn one.
         model: A real base model (hub id or folder) instead of the tiny random one.
         report_to: ``wandb`` (offline without an API key) or ``none``.
-        progress: Progress bars.
+        progress: Show progress (`phi3v.progress`: bars on a terminal, else periodic log lines).
     """
 
     out: str = "runs/demo"
@@ -206,7 +206,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     with _offline_wandb(options.report_to):
-        summary = train(load_train_config(config_path))
+        summary = train(load_train_config(config_path), progress=options.progress)
     lap("train")
 
     # 6. evaluate on the test split

@@ -89,7 +89,7 @@ class EvaluateOptions:
             (refused otherwise); metrics.json's ``overrides`` and the report then name them.
         report_to: ``none`` or ``wandb`` (offline without an API key).
         wandb_project: W&B project.
-        progress: Progress bars.
+        progress: Show progress (`phi3v.progress`: bars on a terminal, else periodic log lines).
     """
 
     model: str

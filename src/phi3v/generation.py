@@ -34,6 +34,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from phi3v.metrics import AnswerTemplate
+from phi3v.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,12 @@ def generate_answers(
         constraint: Hold answers to the template's grammar (`TemplateConstraint`).
         synced_gpus: Several processes generate in lock step (sharded models); every process must then make the same
             number of calls.
-        progress: Show a progress bar (a string is its label).
+        progress: Show progress (`phi3v.progress.Progress`: a bar on a terminal, else log lines; a string is its
+            label).
 
     Returns:
         `Generation`: answers by index, image failures by index, time and token counts.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     order = list(indices)
@@ -141,7 +141,8 @@ def generate_answers(
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "generating", disable=not progress)
+    label = progress if isinstance(progress, str) else "generating"
+    bar = Progress(len(order), label, unit="img", enabled=bool(progress))
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(_load_batch, batches[0], load_image, processor, prompt) if batches else None

@@ -79,7 +79,7 @@ class PredictOptions:
         timeout: Seconds per download attempt.
         retries: Extra download attempts after timeouts, connection errors, 5xx and 429.
         max_bytes: Largest image downloaded.
-        progress: Progress bar.
+        progress: Show progress (`phi3v.progress`: a bar on a terminal, else periodic log lines).
     """
 
     model: str

@@ -55,6 +55,7 @@ from phi3v.data.catalog import (
     parse_price,
 )
 from phi3v.data.download import DownloadConfig, FetchResult, ImageStore, fetch_sources, source_kind
+from phi3v.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +145,16 @@ def _prepare_locked(source: str, out: Path, options: PrepareOptions) -> PrepareR
         logger.info(
             "%d distinct image sources: %d journaled, %d to fetch", len(wanted), len(wanted) - len(todo), len(todo)
         )
-        with _Progress(len(todo), options.progress) as bar:
+        with Progress(len(todo), "fetching images", unit="img", enabled=options.progress) as bar:
+            failures = 0
 
             def record(result: FetchResult) -> None:
+                nonlocal failures
                 journal.record(result)
-                bar.update(1)
                 if not result.ok:
-                    bar.failures += 1
-                    bar.set_postfix(failed=bar.failures, refresh=False)
+                    failures += 1
+                    bar.set_postfix(failed=failures)
+                bar.update(1)
 
             if todo:
                 fetch_sources(todo, store, options.download, record, base_dir=base_dir)
@@ -313,22 +316,6 @@ class Journal:
 def _download_fingerprint(config: DownloadConfig) -> dict[str, Any]:
     """The settings that change what is stored: a resumed run must use the same ones."""
     return {"max_side": config.max_side, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes}
-
-
-class _Progress:
-    """A tqdm bar with a failure count (quiet when disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, unit="img", desc="fetching images", disable=not enabled or total == 0)
-        self.bar.failures = 0
-
-    def __enter__(self):
-        return self.bar
-
-    def __exit__(self, *exc):
-        self.bar.close()
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Endpoints (every error is JSON ``{"error": {"message": ..., "type": ...}}``; doc
   http(s) URL only with ``--allow-remote-images``, and never to a private, loopback, link-local, multicast or
   reserved address) -> an OpenAI ``chat.completion``. Without user text the model's trained prompt is used.
 - ``GET /healthz`` (ready or not, queue depth, counters) and ``GET /v1/models`` (OpenAI list format).
+- ``GET /``: a page to try the model in a browser (`phi3v.page`): drop or pick a photo, see the parsed answer, the
+  raw answer, the model and the latency; self-contained, nothing loaded from elsewhere.
 
 How a request is answered: the handler checks the body (size, content type, JSON, fields), decodes the image with the
 project's loader (`phi3v.model.image_io.load_image`, after a pixel-count check: no decompression bombs) on a
@@ -44,7 +46,7 @@ from typing import Any, Literal
 import httpx
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1132,6 +1134,12 @@ class Phi3VService:
         async def on_error(_request: Request, err: Exception) -> JSONResponse:
             logger.exception("unexpected error")
             return error_response(500, "internal_error", f"{type(err).__name__}: {err}")
+
+        @app.get("/", include_in_schema=False)
+        async def page() -> HTMLResponse:
+            from phi3v.page import page_headers, page_html
+
+            return HTMLResponse(page_html(), headers=page_headers())
 
         @app.get("/healthz")
         async def healthz() -> JSONResponse:

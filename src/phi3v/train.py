@@ -58,6 +58,7 @@ from phi3v.data.packing import TokenBudgetBatchSampler
 from phi3v.generation import generate_answers
 from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, DEFAULT_PROMPT, AnswerTemplate, sample_scores, score_predictions
 from phi3v.model.packed import varlen_available
+from phi3v.progress import attach_to_trainer
 from phi3v.tracking import finish_wandb, restore_env, setup_wandb_env, snapshot_env
 
 logger = logging.getLogger(__name__)
@@ -1064,13 +1065,17 @@ class TrainingSummary:
     versions: dict[str, str]
 
 
-def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainingSummary:
+def train(
+    config: TrainConfig, resume: bool = False, callbacks: list[TrainerCallback] | None = None, progress: bool = True
+) -> TrainingSummary:
     """Run one training job end to end (see the module docstring for the steps).
 
     Args:
         config: A validated `TrainConfig` (`load_train_config`).
         resume: Continue from the latest complete checkpoint in ``config.output_dir``.
         callbacks: Extra `TrainerCallback`s (e.g. from a notebook).
+        progress: Show progress: the Trainer's bar on a terminal, periodic log lines otherwise
+            (`phi3v.progress.attach_to_trainer`); False: neither (``--quiet``).
 
     Returns:
         `TrainingSummary`, also written to ``training_summary.json``.
@@ -1148,6 +1153,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: list[TrainerCall
             generation_check=generation_check,
             train_batch_sampler=budget_sampler,
         )
+        attach_to_trainer(trainer, progress)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         trainer.generations_name = "final"  # the final model's answers (the best one with load_best_model_at_end)
         final_eval = trainer.evaluate() if eval_set is not None else {}
