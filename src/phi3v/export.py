@@ -459,6 +459,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+# An illustrative product for the card's example answer (the price as a whole float, as catalogs store it)
+_EXAMPLE_ROW = {"title": "Check Cotton Shirt", "category": "SHIRTS", "price": 590.0}
+
+
+def _example_answer(train_config: dict[str, Any]) -> str:
+    """`_EXAMPLE_ROW` in the run's answer template, formatted as training formats answers (``Full Price: 590``)."""
+    from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, AnswerTemplate
+
+    return AnswerTemplate(train_config.get("answer_template") or DEFAULT_ANSWER_TEMPLATE).format(_EXAMPLE_ROW)
+
+
 def _format_metric(value: Any, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -495,7 +506,8 @@ def model_card(
         f"# {out_name}",
         "",
         f"Phi-3-Vision fine-tuned with phi3v to read product photos: given a photo, it answers "
-        f"`{train_config.get('answer_template', '')}`.",
+        f"`{train_config.get('answer_template', '')}`, written as it was trained, "
+        f"e.g. `{_example_answer(train_config)}`.",
         "",
         "| | |",
         "|---|---|",
