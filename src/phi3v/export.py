@@ -5,7 +5,8 @@
 Steps, top to bottom (`export`):
 
 1. Check the arguments before anything heavy loads: MODEL must be a `phi3v train` output, one of its
-   ``checkpoint-N`` folders or an earlier export (it needs the run's ``train_config.yaml``); OUT must be empty or
+   ``checkpoint-N`` folders or an earlier export (it needs the run's ``train_config.yaml``; a run folder without a
+   final model stands for its latest complete checkpoint, `phi3v.runs`); OUT must be empty or
    absent unless ``overwrite``, and must not hold MODEL.
 2. Load the model with `phi3v.inference.load_for_inference` in float32 (a LoRA adapter is merged into its base at
    full precision), then cast it to the export dtype: ``auto`` keeps the dtype of the checkpoint the weights came from
@@ -55,6 +56,7 @@ from phi3v.inference import (
     load_for_inference,
     read_train_config,
 )
+from phi3v.runs import RunFolderError, resolve_model_folder_of_run
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +168,11 @@ def export(options: ExportOptions) -> ExportResult:
             ``overwrite``) or holds MODEL, or ``metrics`` does not exist.
         ModelLoadError / FileNotFoundError / OSError: The model cannot be loaded (the message says why).
     """
-    # 1. arguments, before anything heavy loads
-    source = Path(options.model)
+    # 1. arguments, before anything heavy loads (a run folder without a final model: its latest complete checkpoint)
+    try:
+        source = Path(resolve_model_folder_of_run(options.model))
+    except RunFolderError as err:
+        raise ExportError(str(err)) from err
     out = Path(options.out)
     train_config, train_config_file = _check_model_folder(source)
     _check_out(out, source, options.overwrite)
