@@ -75,18 +75,26 @@ def test_evaluate_on_an_interrupted_run_uses_its_latest_complete_checkpoint(
     assert "scored 2 of 2 rows" in capsys.readouterr().out
 
 
-def test_predict_and_export_on_an_interrupted_run(interrupted_run, tiny_dataset_dir, tmp_path, caplog):
+def test_predict_and_export_on_an_interrupted_run(interrupted_run, tiny_dataset_dir, tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
     photo = sorted((tiny_dataset_dir.parent / "synth" / "images").glob("*.jpg"))[0]  # the catalog's photos
     answers = tmp_path / "answers.jsonl"
-    assert main(["predict", "--model", str(interrupted_run), str(photo), "--out", str(answers), "--quiet"]) == 0
-    _uses_checkpoint_2(caplog, interrupted_run)
+    assert main(["predict", "--model", str(run), str(photo), "--out", str(answers), "--quiet"]) == 0
+    _uses_checkpoint_2(caplog, run)
     assert json.loads(answers.read_text().splitlines()[0])["input"] == str(photo)
+    # the run's evaluation (of checkpoint-2) is the card's, as for a finished run
+    args = ["--data", str(tiny_dataset_dir), "--out", str(run / "eval"), "--limit", "2", "--max-new-tokens", "4"]
+    assert main(["evaluate", "--model", str(run), *args, "--no-ablation", "--quiet"]) == 0
     caplog.clear()
+    capsys.readouterr()
     export = tmp_path / "export"
-    assert main(["export", "--model", str(interrupted_run), "--out", str(export)]) == 0
-    _uses_checkpoint_2(caplog, interrupted_run)
-    assert json.loads((export / "export_info.json").read_text())["source"] == str(interrupted_run / "checkpoint-2")
+    assert main(["export", "--model", str(run), "--out", str(export)]) == 0
+    _uses_checkpoint_2(caplog, run)
+    assert f"model card metrics from {run / 'eval' / 'metrics.json'}" in capsys.readouterr().out
+    assert json.loads((export / "export_info.json").read_text())["source"] == str(run / "checkpoint-2")
+    assert "2 of 2 rows scored" in (export / "README.md").read_text()
 
 
 def test_serve_on_an_interrupted_run(interrupted_run, caplog):

@@ -176,7 +176,7 @@ def export(options: ExportOptions) -> ExportResult:
     out = Path(options.out)
     train_config, train_config_file = _check_model_folder(source)
     _check_out(out, source, options.overwrite)
-    metrics_file = _find_metrics(source, options.metrics)
+    metrics_file = _find_metrics(source, options.metrics, run=Path(options.model))
     metrics = _read_json(metrics_file, "--metrics") if metrics_file is not None else None
     summary_file = _next_to_run(source, SUMMARY_NAME)
     summary = _read_summary(summary_file) if summary_file is not None else None
@@ -293,8 +293,12 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
             )
 
 
-def _find_metrics(source: Path, metrics: str | None) -> Path | None:
-    """``--metrics`` (must exist), else ``MODEL/eval/metrics.json`` when present, else None."""
+def _find_metrics(source: Path, metrics: str | None, run: Path | None = None) -> Path | None:
+    """``--metrics`` (must exist), else ``MODEL/eval/metrics.json`` when present, else None.
+
+    When MODEL was a run folder standing for its latest checkpoint (``run`` is that folder, ``source`` the
+    checkpoint), ``run/eval/metrics.json`` counts too, if it scored that checkpoint (its ``model`` names it).
+    """
     if metrics is not None:
         path = Path(metrics)
         if path.is_dir():
@@ -305,6 +309,15 @@ def _find_metrics(source: Path, metrics: str | None) -> Path | None:
     default = source / "eval" / "metrics.json"
     if default.is_file():
         return default
+    beside = run / "eval" / "metrics.json" if run is not None and run != source else None
+    if beside is not None and beside.is_file():
+        try:
+            scored = json.loads(beside.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            scored = None
+        if scored is not None and Path(str(scored)).resolve() == source.resolve():
+            return beside
+        logger.warning("%s scored %s, not %s: not used for the model card", beside, scored, source)
     logger.warning("no evaluation metrics found (%s does not exist, no --metrics given)", default)
     return None
 
