@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from phi3v.cli import main
 from phi3v.demo import DEMO_STEPS, DemoError, DemoOptions, run_demo
@@ -23,6 +24,7 @@ from wandb_reader import isolate_tracking_env, read_summary
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "configs" / "demo.yaml"
 # Reduced size: 2,000 products instead of 3,000 (the test split still holds ~190 rows), the default 3 epochs.
 N_PRODUCTS = 2000
 
@@ -68,6 +70,14 @@ def test_demo_outputs_and_summary(demo):
     # the tokenizer was trained for the catalog: a category is one token
     tokenizer = json.loads((out / "model" / "tokenizer.json").read_text())
     assert {"ĠSCARVES", "ĠCOATS"} <= set(tokenizer["model"]["vocab"])  # Ġ: the byte-level space
+    # the recipe trained is configs/demo.yaml's (the demo's folders and flags in place of its paths and run keys)
+    trained, shipped = yaml.safe_load((out / "train.yaml").read_text()), yaml.safe_load(DEMO_YAML.read_text())
+    assert (trained["model"], trained["output_dir"]) == (str(out / "base-model"), str(out / "model"))
+    flags = {"num_train_epochs": 3.0, "seed": 0, "report_to": "wandb"}
+    assert trained["training"] == {**shipped["training"], **flags}
+    assert {k: v for k, v in trained.items() if k not in ("model", "data", "output_dir", "training")} == {
+        k: v for k, v in shipped.items() if k not in ("model", "data", "output_dir", "training")
+    }
     # training and evaluation outputs, W&B offline runs that hold the evaluation's scores
     assert (out / "model" / "train_config.yaml").is_file() and (out / "eval" / "report.html").is_file()
     runs = sorted((out / "eval" / "wandb").glob("offline-run-*"))

@@ -16,8 +16,10 @@ from safetensors import safe_open
 
 from phi3v.cli import build_parser, main
 from phi3v.evaluate import EvaluateOptions, evaluate
+from phi3v.export import model_card
 from phi3v.generation import generate_answers
 from phi3v.inference import load_for_inference
+from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE
 from phi3v.model.image_io import load_image
 from phi3v.model.modeling import Phi3VForCausalLM
 from phi3v.model.processing import Phi3VProcessor
@@ -186,6 +188,13 @@ def test_the_model_card_reports_the_run_and_its_metrics(lora_run, lora_export):
     assert f"final training loss {summary['train_loss']:.4f}" in card and "`lora`" in card
     assert "<\\|image_1\\|>" in card, "pipes inside table cells are escaped"
     assert "No evaluation metrics were found" not in card
+
+
+def test_the_model_card_shows_an_answer_as_the_model_was_trained_to_write_it():
+    default = model_card({}, {"answer_template": DEFAULT_ANSWER_TEMPLATE}, None, None)
+    assert "e.g. `Product: Check Cotton Shirt, Category: SHIRTS, Full Price: 590`" in default  # not 590.0
+    cents = model_card({}, {"answer_template": "{title} | {price:.2f}"}, None, None)
+    assert "e.g. `Check Cotton Shirt | 590.00`" in cents
 
 
 def test_an_export_can_be_exported_again_as_one_bfloat16_shard(lora_export, tmp_path):

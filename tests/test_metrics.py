@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import statistics
 
 import numpy as np
@@ -15,6 +16,7 @@ from phi3v.metrics import (
     HIGHER_IS_BETTER,
     OPTIMAL_BASELINES,
     PRICE_SCORES,
+    PRICE_TEXT_PATTERN,
     SPLIT_OPTIMAL,
     AnswerTemplate,
     Baseline,
@@ -55,7 +57,7 @@ TITLE_KEYS = ["title_exact_match", "title_similarity", "title_token_f1"]
 def test_default_template_round_trips_titles_with_commas():
     template = AnswerTemplate()
     text = template.format(ROW)
-    assert text == "Product: Vintage Check, Cotton Scarf, Category: SCARVES, Full Price: 1250.0"
+    assert text == "Product: Vintage Check, Cotton Scarf, Category: SCARVES, Full Price: 1250"  # not 1250.0
     assert template.parse(text) == ParsedAnswer("Vintage Check, Cotton Scarf", "SCARVES", 1250.0)
     assert template.parse(text + "<|end|>garbage") == ParsedAnswer("Vintage Check, Cotton Scarf", "SCARVES", 1250.0)
 
@@ -174,6 +176,45 @@ def test_custom_template_with_format_spec():
     assert template.parse("SCARVES | Vintage Check, Cotton Scarf | $1250.00").price == 1250.0
     assert AnswerTemplate("Costs {price}").parse("Costs 12").title is None
     assert AnswerTemplate("Costs {price}").parse("it costs about 12 USD").price == 12.0  # via the label "Costs"
+
+
+@pytest.mark.parametrize(
+    ("price", "text"),
+    [(590.0, "590"), (590, "590"), (590.5, "590.5"), (12.99, "12.99"), (1290.05, "1290.05"), (0.5, "0.5")],
+)
+def test_plain_price_is_written_as_the_catalog_shows_it_and_reads_back(price, text):
+    template = AnswerTemplate()
+    answer = template.format({**ROW, "price": price})
+    assert answer.endswith(f"Full Price: {text}")
+    assert template.parse(answer).price == pytest.approx(float(price))
+    assert re.fullmatch(PRICE_TEXT_PATTERN, text)  # what constrained decoding allows for a price
+
+
+@pytest.mark.parametrize(
+    ("spec", "price", "text"),
+    [(".2f", 590.0, "590.00"), (".2f", 590.5, "590.50"), (".0f", 590.0, "590"), (".1f", 12.99, "13.0")],
+)
+def test_price_format_spec_chooses_the_written_form(spec, price, text):
+    template = AnswerTemplate(f"Product: {{title}}, Full Price: {{price:{spec}}}")
+    answer = template.format({**ROW, "price": price})
+    assert answer == f"Product: {ROW['title']}, Full Price: {text}"
+    assert template.parse(answer).price == float(text)  # parsing unchanged: the written number
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Full Price: {price:d}", "{price:d} cannot format a price such as 590.0"),
+        ("Full Price: {price:x}", "{price:x} cannot format a price"),
+        ("Full Price: {price:e}", "{price:e} writes the price 590.0 as '5.900000e+02'"),
+        ("Full Price: {price:,.2f}", "{price:,.2f} writes the price 1290.5 as '1,290.50'"),
+        ("Full Price: {price:>9}", "is not that price as a plain number"),
+        ("Full Price: {price:%}", "{price:%}"),
+    ],
+)
+def test_price_spec_that_cannot_write_a_price_is_refused(template, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AnswerTemplate(template)
 
 
 @pytest.mark.parametrize(

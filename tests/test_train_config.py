@@ -53,6 +53,11 @@ def test_yaml_values_overrides_and_passthrough(tmp_path):
         ("model: m\ndata: d\noutput_dir: o\n", ["--prompt", "Describe the product"], r"exactly one <\|image_1\|>"),
         ("model: m\ndata: d\noutput_dir: o\n", ["--prompt", "<|image_1|>Is it {title}?"], r"names a catalog field"),
         ("model: m\ndata: d\noutput_dir: o\n", ["--answer_template", "{title} {sku}"], r"unknown field \{sku\}"),
+        (  # a price spec that cannot write a price: refused when the config loads, the spec named
+            "model: m\ndata: d\noutput_dir: o\nanswer_template: 'Full Price: {price:d}'\n",
+            [],
+            r"answer template .Full Price: \{price:d\}.: \{price:d\} cannot format a price such as 590.0",
+        ),
         ("model: m\ndata: d\noutput_dir: o\n", ["--remove_unused_columns", "true"], r"set by phi3v"),
         ("model: m\ndata: d\noutput_dir: o\n", ["--save_total_limit_x", "1"], r"unknown override"),
         (

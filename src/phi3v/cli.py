@@ -4,6 +4,7 @@
     phi3v synth --out DIR --n N --seed S       draw a sample catalog in the DBQ schema
     phi3v info MODEL [--check-weights]        architecture, parameter count and image-token budget of a model
     phi3v tokens WIDTH HEIGHT [--num-crops N]  crop grid and token count of an image of that size
+    phi3v tokenizer DATA --out DIR            a small tokenizer trained on a prepared catalog (for init-model)
     phi3v init-model OUT [--config tiny]       a random-weight model folder (offline stand-in for a hub checkpoint)
     phi3v train --config FILE [--resume] [--key value ...]   fine-tune (LoRA / QLoRA / full / frozen vision)
     phi3v evaluate --model MODEL --data DIR --out DIR   generated answers scored against baselines + a report
@@ -174,6 +175,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
         Path(args.out), args.n, seed=args.seed, base_url=args.base_url, image_size=args.image_size
     )
     print(f"wrote {args.n} products to {catalog} (images in {catalog.parent / 'images'})")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from phi3v.catalog_tokenizer import TokenizerError, train_catalog_tokenizer
+    from phi3v.data.collate import DatasetError
+
+    _log_info()
+    try:
+        out = train_catalog_tokenizer(args.data, args.out, args.vocab_size, args.answer_template)
+    except (DatasetError, TokenizerError) as err:
+        print(f"phi3v tokenizer: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote a {args.vocab_size}-token tokenizer for {args.data} to {out} (use: phi3v init-model --tokenizer {out})"
+    )
     return 0
 
 
@@ -385,6 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("height", type=int)
     tokens.add_argument("--num-crops", type=int, default=4, help="4 for Phi-3.5-V (its default), 16 for Phi-3-V")
     tokens.set_defaults(func=cmd_tokens)
+    tok = commands.add_parser(
+        "tokenizer",
+        help="train a small tokenizer on a prepared catalog (for init-model --tokenizer)",
+        description="Train a byte-level BPE with Phi-3's special tokens and chat template on the training answers of "
+        "a phi3v prepare output (plus a general corpus): the tokenizer `phi3v demo` gives its tiny model. Guide: "
+        "docs/train.md.",
+    )
+    tok.add_argument("data", help="phi3v prepare output folder")
+    tok.add_argument("--out", required=True, help="tokenizer folder (absent, empty, or an earlier tokenizer)")
+    tok.add_argument("--vocab-size", type=int, default=1024, help="the tiny config's is 1024 (default: %(default)s)")
+    tok.add_argument("--answer-template", default=None, help="the template the model will learn (default: phi3v's)")
+    tok.set_defaults(func=cmd_tokenizer)
     init = commands.add_parser("init-model", help="write a random-weight model folder (offline stand-in)")
     init.add_argument("out")
     init.add_argument("--config", default="tiny", help="named config (default: %(default)s)")

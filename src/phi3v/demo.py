@@ -11,11 +11,12 @@ Steps, top to bottom (`run_demo`); each is the code path of the command named be
    server that the demo runs for the duration of step 2.
 2. ``phi3v prepare``: download every photo over HTTP with the same fetcher users run on a real catalog, verify and
    store it, report the failed rows and duplicates, and split by normalised title.
-3. Tokenizer: a byte-level BPE with Phi-3's special tokens and chat template, trained on the training split's
-   answers (`phi3v.model.tokenizer.train_tokenizer`), so a title, a category or a price is a few tokens.
+3. ``phi3v tokenizer``: a byte-level BPE with Phi-3's special tokens and chat template, trained on the training
+   split's answers (`phi3v.catalog_tokenizer.train_catalog_tokenizer`), so a title, a category or a price is a few
+   tokens.
 4. ``phi3v init-model``: a random-weight model of the real Phi-3-V architecture at the ``tiny`` size, with that
    tokenizer (`phi3v.model.random_init.write_random_checkpoint`).
-5. ``phi3v train``: full fine-tuning (`DEMO_TRAINING`), W&B offline inside the run folder.
+5. ``phi3v train``: full fine-tuning with configs/demo.yaml (`demo_recipe`), W&B offline inside the run folder.
 6. ``phi3v evaluate``: generated answers on the test split, scored against the baselines and the same model on blank
    images; ``report.html``.
 
@@ -43,26 +44,9 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-# The tiny model's recipe: full fine-tuning (the random CLIP tower has to learn to see), one 336-px crop per photo
-# (plus the global view: 313 image tokens), a learning rate that a 2-layer model takes, cosine decay.
-DEMO_TRAINING: dict[str, Any] = {
-    "mode": "full",
-    "num_crops": 1,
-    "eval_samples": 8,
-    "eval_max_new_tokens": 32,
-    "save_total_limit": 1,
-    "training": {
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "learning_rate": 2.0e-3,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 20,
-        "logging_steps": 25,
-        "eval_strategy": "epoch",
-        "save_strategy": "epoch",
-        "dataloader_num_workers": 0,
-    },
-}
+# The tiny model's recipe: configs/demo.yaml (packaged as phi3v/configs/demo.yaml), whose model / data / output_dir
+# the demo replaces with its own folders (`demo_recipe`).
+DEMO_CONFIG = "demo.yaml"
 # A real model (``--model``): LoRA on the language model plus the projector, the settings of configs/burberry-lora.yaml.
 REAL_MODEL_TRAINING: dict[str, Any] = {
     "mode": "lora",
@@ -82,7 +66,6 @@ REAL_MODEL_TRAINING: dict[str, Any] = {
         "gradient_checkpointing": True,
     },
 }
-TOKENIZER_VOCAB = 1024  # the tiny config's vocabulary size
 # The steps of a default run, in order (keys of `DemoResult.seconds`; the README lists the same).
 DEMO_STEPS = ("synth", "prepare", "tokenizer", "init-model", "train", "evaluate")
 
@@ -143,6 +126,7 @@ class DemoResult:
 # ------------------------------------------------------------------------------------------------------- the demo
 def run_demo(options: DemoOptions) -> DemoResult:
     """Run the demo end to end (see the module docstring for the steps)."""
+    from phi3v.catalog_tokenizer import train_catalog_tokenizer
     from phi3v.evaluate import EvaluateOptions, evaluate
     from phi3v.model.random_init import write_random_checkpoint
     from phi3v.prepare import PrepareOptions, prepare
@@ -177,13 +161,13 @@ def run_demo(options: DemoOptions) -> DemoResult:
 
     # 3-4. base model: a tiny random Phi-3-V with a tokenizer trained on the catalog, or the real one
     if options.model is None:
-        tokenizer = _train_tokenizer(out / "tokenizer", data)
+        recipe = demo_recipe()
+        tokenizer = train_catalog_tokenizer(data, out / "tokenizer", answer_template=recipe.get("answer_template"))
         lap("tokenizer")
         base_model = write_random_checkpoint(
-            out / "base-model", "tiny", seed=options.seed, num_crops=1, tokenizer_folder=tokenizer
+            out / "base-model", "tiny", seed=options.seed, num_crops=recipe["num_crops"], tokenizer_folder=tokenizer
         )
         lap("init-model")
-        recipe = DEMO_TRAINING
     else:
         base_model = options.model
         recipe = REAL_MODEL_TRAINING
@@ -259,24 +243,13 @@ def _draw_catalog(folder: Path, options: DemoOptions, base_url: str) -> Path:
     )
 
 
-def catalog_corpus(data: Path) -> list[str]:
-    """The tokenizer's training texts: every training answer in the default template, plus phi3v's default corpus
-    (chat turns, prompts, digits and punctuation, so any text still tokenises sensibly)."""
-    from phi3v.data.collate import TRAIN_SPLIT, load_prepared_dataset
-    from phi3v.metrics import AnswerTemplate
-    from phi3v.model.tokenizer import default_corpus
+def demo_recipe() -> dict[str, Any]:
+    """The tiny model's training config, configs/demo.yaml (the packaged copy), without its ``model``, ``data`` and
+    ``output_dir`` (the demo's folders replace them)."""
+    from importlib import resources
 
-    template = AnswerTemplate()
-    rows = load_prepared_dataset(data, (TRAIN_SPLIT,))[TRAIN_SPLIT].select_columns(["title", "category", "price"])
-    answers = [template.format(row) for row in rows.to_list()]
-    return [*answers, *default_corpus()]
-
-
-def _train_tokenizer(folder: Path, data: Path) -> Path:
-    from phi3v.model.tokenizer import train_tokenizer
-
-    train_tokenizer(catalog_corpus(data), vocab_size=TOKENIZER_VOCAB).save_pretrained(folder)
-    return folder
+    recipe = yaml.safe_load(resources.files("phi3v.configs").joinpath(DEMO_CONFIG).read_text(encoding="utf-8"))
+    return {key: value for key, value in recipe.items() if key not in ("model", "data", "output_dir")}
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

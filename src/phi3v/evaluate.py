@@ -222,7 +222,7 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
     parsed = [template.parse(main.answers[i]) for i in scored]
     metrics = score_predictions(parsed, truths)
     results: dict[str, Any] = {
-        "model": options.model,
+        "model": loaded.source,  # a run folder without a final model: the checkpoint that stood for it
         "model_kind": loaded.kind,
         "base_model": loaded.base,
         "qlora_base": loaded.qlora_base,

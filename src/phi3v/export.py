@@ -5,7 +5,8 @@
 Steps, top to bottom (`export`):
 
 1. Check the arguments before anything heavy loads: MODEL must be a `phi3v train` output, one of its
-   ``checkpoint-N`` folders or an earlier export (it needs the run's ``train_config.yaml``); OUT must be empty or
+   ``checkpoint-N`` folders or an earlier export (it needs the run's ``train_config.yaml``; a run folder without a
+   final model stands for its latest complete checkpoint, `phi3v.runs`); OUT must be empty or
    absent unless ``overwrite``, and must not hold MODEL.
 2. Load the model with `phi3v.inference.load_for_inference` in float32 (a LoRA adapter is merged into its base at
    full precision; a ``qlora`` adapter into the base chosen by ``qlora_base``, below), then cast it to the export
@@ -72,6 +73,7 @@ from phi3v.inference import (
     load_for_inference,
     read_train_config,
 )
+from phi3v.runs import RunFolderError, resolve_model_folder_of_run
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +189,15 @@ def export(options: ExportOptions) -> ExportResult:
             ``overwrite``) or holds MODEL, or ``metrics`` does not exist.
         ModelLoadError / FileNotFoundError / OSError: The model cannot be loaded (the message says why).
     """
-    # 1. arguments, before anything heavy loads
-    source = Path(options.model)
+    # 1. arguments, before anything heavy loads (a run folder without a final model: its latest complete checkpoint)
+    try:
+        source = Path(resolve_model_folder_of_run(options.model))
+    except RunFolderError as err:
+        raise ExportError(str(err)) from err
     out = Path(options.out)
     train_config, train_config_file = _check_model_folder(source)
     _check_out(out, source, options.overwrite)
-    metrics_file = _find_metrics(source, options.metrics)
+    metrics_file = _find_metrics(source, options.metrics, run=Path(options.model))
     metrics = _read_json(metrics_file, "--metrics") if metrics_file is not None else None
     summary_file = _next_to_run(source, SUMMARY_NAME)
     summary = _read_summary(summary_file) if summary_file is not None else None
@@ -315,8 +320,12 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
             )
 
 
-def _find_metrics(source: Path, metrics: str | None) -> Path | None:
-    """``--metrics`` (must exist), else ``MODEL/eval/metrics.json`` when present, else None."""
+def _find_metrics(source: Path, metrics: str | None, run: Path | None = None) -> Path | None:
+    """``--metrics`` (must exist), else ``MODEL/eval/metrics.json`` when present, else None.
+
+    When MODEL was a run folder standing for its latest checkpoint (``run`` is that folder, ``source`` the
+    checkpoint), ``run/eval/metrics.json`` counts too, if it scored that checkpoint (its ``model`` names it).
+    """
     if metrics is not None:
         path = Path(metrics)
         if path.is_dir():
@@ -327,6 +336,15 @@ def _find_metrics(source: Path, metrics: str | None) -> Path | None:
     default = source / "eval" / "metrics.json"
     if default.is_file():
         return default
+    beside = run / "eval" / "metrics.json" if run is not None and run != source else None
+    if beside is not None and beside.is_file():
+        try:
+            scored = json.loads(beside.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            scored = None
+        if scored is not None and Path(str(scored)).resolve() == source.resolve():
+            return beside
+        logger.warning("%s scored %s, not %s: not used for the model card", beside, scored, source)
     logger.warning("no evaluation metrics found (%s does not exist, no --metrics given)", default)
     return None
 
@@ -486,6 +504,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+# An illustrative product for the card's example answer (the price as a whole float, as catalogs store it)
+_EXAMPLE_ROW = {"title": "Check Cotton Shirt", "category": "SHIRTS", "price": 590.0}
+
+
+def _example_answer(train_config: dict[str, Any]) -> str:
+    """`_EXAMPLE_ROW` in the run's answer template, formatted as training formats answers (``Full Price: 590``)."""
+    from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, AnswerTemplate
+
+    return AnswerTemplate(train_config.get("answer_template") or DEFAULT_ANSWER_TEMPLATE).format(_EXAMPLE_ROW)
+
+
 def _format_metric(value: Any, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -533,7 +562,8 @@ def model_card(
         f"# {out_name}",
         "",
         f"Phi-3-Vision fine-tuned with phi3v to read product photos: given a photo, it answers "
-        f"`{train_config.get('answer_template', '')}`.",
+        f"`{train_config.get('answer_template', '')}`, written as it was trained, "
+        f"e.g. `{_example_answer(train_config)}`.",
         "",
         "| | |",
         "|---|---|",

@@ -33,13 +33,13 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from phi3v.metrics import AnswerTemplate
+from phi3v.metrics import PRICE_TEXT_PATTERN, AnswerTemplate
 from phi3v.progress import Progress
 
 logger = logging.getLogger(__name__)
 
 TITLE_MAX_CHARS = 200
-PRICE_PATTERN = r"[0-9]{1,9}(?:\.[0-9]{1,2})?"
+PRICE_PATTERN = PRICE_TEXT_PATTERN  # the grammar's price rule below spells the same
 
 
 def end_token_ids(processor: Any) -> list[int]:

@@ -10,6 +10,9 @@
 - A folder with full weights (``config.json`` + safetensors): a full / frozen-vision training output, a checkpoint, a
   `phi3v export` folder (marked by its ``export_info.json``), or a base model (zero-shot).
 - A hub id such as ``microsoft/Phi-3.5-vision-instruct`` (zero-shot); offline, that fails at once with the reason.
+- A run folder without a final model (an interrupted run): its latest complete ``checkpoint-N``, with a log line
+  naming it (`phi3v.runs.resolve_model_folder_of_run`; a partial checkpoint is never used, an ambiguous folder is
+  an error listing its checkpoints or model folders).
 
 The processor comes from the same folder when it holds one (training outputs and checkpoints do), else from the base
 model. A training run's ``train_config.yaml`` (next to the weights, or one folder up for a checkpoint) gives the
@@ -179,7 +182,8 @@ def load_for_inference(
     """Load ``model`` (see the module docstring for what it may be) for generation.
 
     Args:
-        model: A training output, checkpoint, exported or base model folder, or a hub id.
+        model: A training output, checkpoint, exported or base model folder, or a hub id (a run folder without a
+            final model stands for its latest complete checkpoint; `LoadedModel.source` is then that checkpoint).
         base_model: The base of a LoRA adapter, overriding the one the adapter names (e.g. the run moved machines).
         device: ``cuda``, ``cuda:1``, ``cpu``...; default: a GPU when present.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
@@ -192,18 +196,24 @@ def load_for_inference(
             and full weights ignore it.
 
     Raises:
-        ModelLoadError: A folder that holds neither an adapter nor a model, an adapter without a known base or
-            stored as a pickle (``adapter_model.bin``: safetensors only), settings that differ from the trained
-            ones without ``override_trained``, a bad ``qlora_base``, or a ``qlora`` adapter on the ``nf4`` base
-            without bitsandbytes.
+        ModelLoadError: A folder that holds neither an adapter nor a model (nor, for a run folder, one complete
+            checkpoint that stands for it), an adapter without a known base or stored as a pickle
+            (``adapter_model.bin``: safetensors only), settings that differ from the trained ones without
+            ``override_trained``, a bad ``qlora_base``, or a ``qlora`` adapter on the ``nf4`` base without
+            bitsandbytes.
         FileNotFoundError / OSError: A path that does not exist, or a hub id that cannot be fetched (offline).
     """
     from phi3v.model.hub import resolve_model_folder
     from phi3v.model.modeling import Phi3VForCausalLM
     from phi3v.model.processing import Phi3VProcessor
+    from phi3v.runs import RunFolderError, resolve_model_folder_of_run
 
     if qlora_base not in ("nf4", "original"):
         raise ModelLoadError(f"qlora_base must be nf4 or original, got {qlora_base!r}")
+    try:
+        model = resolve_model_folder_of_run(model)  # an interrupted run: its latest complete checkpoint
+    except RunFolderError as err:
+        raise ModelLoadError(str(err)) from err
     target = pick_device(device)
     weights_dtype = pick_dtype(dtype, target)
     merged_into: Literal["nf4", "original"] | None = None

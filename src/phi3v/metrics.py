@@ -4,6 +4,11 @@ One `AnswerTemplate` both writes the training target (``"Product: {title}, Categ
 {price}"`` by default, the reference recipe's answer) and parses a generated answer back into fields, so training,
 the in-training generation check and `phi3v evaluate` all read answers the same way.
 
+A plain ``{price}`` is written as the catalog shows the price (`format_price`): a whole price without decimals
+(``590``, not ``590.0``), any other with its cents (``590.5``, ``12.99``). A format spec chooses otherwise
+(``{price:.2f}`` writes ``590.00``); it must write a plain number (digits, optionally ``.`` and one or two decimals,
+what constrained decoding allows), else the template is refused when it is loaded.
+
 Parsing (`AnswerTemplate.parse`)
 --------------------------------
 Anything from ``<|end|>`` on is ignored. First the whole answer is matched against the template (literal text as
@@ -98,6 +103,11 @@ UNPARSED_COLUMN = "(unparsed)"
 _FORMATTER = string.Formatter()
 _WITHIN_TOLERANCE = 1e-9  # "APE <= 0.10" must hold for 110 vs 100 despite float rounding
 
+# A price in an answer as `AnswerTemplate` may write it and the constrained-decoding grammar allows it
+# (phi3v.generation's price rule): up to 9 digits, optionally "." and one or two decimals.
+PRICE_TEXT_PATTERN = r"[0-9]{1,9}(?:\.[0-9]{1,2})?"
+_SPEC_CHECK_PRICES = (590.0, 1290.5, 12.99, 24500.0)  # what a {price:spec} must write as plain numbers
+
 MISSING_PRICE_SCORED_AS = 0.0
 """The prediction a missing or unusable price is scored as: APE 1, SMAPE 2 (the maximum), outside every tolerance."""
 
@@ -140,8 +150,10 @@ class AnswerTemplate:
     """A ``str.format`` answer template over the catalog fields ``title``, ``category`` and ``price``.
 
     Each field may appear at most once and may carry a format spec (``{price:.2f}``); literal text separates
-    fields. Parsing first matches the whole template (literal parts as written, surrounding whitespace loosened,
-    fields lazily, the last field to the end of the answer), then falls back to finding each field by its label
+    fields. A plain ``{price}`` writes the price as the catalog shows it (`format_price`: ``590``, ``590.5``); a
+    spec formats the number (``{price:.2f}``: ``590.00``) and must write a plain number (``PRICE_TEXT_PATTERN``).
+    Parsing first matches the whole template (literal parts as written, surrounding whitespace loosened, fields
+    lazily, the last field to the end of the answer), then falls back to finding each field by its label
     (see the module docstring).
 
     Args:
@@ -155,7 +167,8 @@ class AnswerTemplate:
         labels (`dict[str, str]`): Field -> label used by the fallback parse, for fields that have one.
 
     Raises:
-        ValueError: On an unknown or repeated field, a positional ``{}`` field, or a malformed template.
+        ValueError: On an unknown or repeated field, a positional ``{}`` field, a malformed template, or a price
+            spec that cannot format a price as a plain number (``{price:d}``, ``{price:x}``, ``{price:,.2f}``).
     """
 
     def __init__(self, template: str = DEFAULT_ANSWER_TEMPLATE) -> None:
@@ -192,13 +205,53 @@ class AnswerTemplate:
         self.labels = labels
         self._regex = re.compile(pattern + r"\s*$", re.DOTALL)
         self._label_regexes = {field: _label_pattern(label) for field, label in labels.items()}
+        # {price} with neither spec nor conversion: the catalog's figure (`format_price`); otherwise str.format's
+        self._plain_price = any(f == "price" and not spec and not conv for _, f, spec, conv in parsed)
+        self._check_price_spec(parsed)
+
+    def _check_price_spec(self, parsed: list[tuple[str, str | None, str | None, str | None]]) -> None:
+        """Refuse a ``{price...}`` spec or conversion that cannot write a price the answers can be read back from:
+        every sample price must format, and the text must be a plain number (``PRICE_TEXT_PATTERN``, what the
+        constrained-decoding grammar allows) within 1 % of the price."""
+        field_text = next(
+            (
+                f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+                for _, f, spec, conv in parsed
+                if f == "price"
+            ),
+            None,
+        )
+        if field_text is None or self._plain_price:
+            return
+        for price in _SPEC_CHECK_PRICES:
+            try:
+                text = field_text.format(price=price)
+            except (ValueError, TypeError) as err:
+                raise ValueError(
+                    f"answer template {self.template!r}: {field_text} cannot format a price such as {price!r} "
+                    f"({err}); use {{price}} (the catalog's figure) or a float spec such as {{price:.2f}}"
+                ) from err
+            parsed_back = parse_answer_price(text) if re.fullmatch(PRICE_TEXT_PATTERN, text) else None
+            if parsed_back is None or abs(parsed_back - price) > 0.01 * price:
+                raise ValueError(
+                    f"answer template {self.template!r}: {field_text} writes the price {price!r} as {text!r}, which "
+                    "is not that price as a plain number (digits, optionally . and 1-2 decimals); use {price} or a "
+                    "spec such as {price:.2f} or {price:.0f}"
+                )
 
     def format(self, row: Mapping[str, object]) -> str:
-        """The answer for a catalog row (a mapping with at least the template's fields)."""
+        """The answer for a catalog row (a mapping with at least the template's fields).
+
+        A plain ``{price}`` is written as `format_price` writes it (``590``, ``590.5``, ``12.99``); a format spec
+        (``{price:.2f}``) formats the number itself.
+        """
         missing = [name for name in self.fields if name not in row]
         if missing:
             raise KeyError(f"row has no {', '.join(missing)} for the answer template {self.template!r}")
-        return self.template.format(**{name: row[name] for name in self.fields})
+        values = {name: row[name] for name in self.fields}
+        if self._plain_price:
+            values["price"] = format_price(values["price"])
+        return self.template.format(**values)
 
     def parse(self, text: str) -> ParsedAnswer:
         """Read the fields back from a generated answer (``<|end|>`` and anything after it ignored).
@@ -228,6 +281,17 @@ class AnswerTemplate:
             if field not in values:  # a label seen twice: its first value counts
                 values[field] = text[end : kept[i + 1][0] if i + 1 < len(kept) else len(text)]
         return values
+
+
+def format_price(price: object) -> str:
+    """A price as the catalog shows it: a whole price without decimals (``590.0`` -> ``"590"``), any other with its
+    cents and no trailing zero (``590.5`` -> ``"590.5"``, ``12.99`` -> ``"12.99"``; more than two decimals are
+    rounded to two, which is what `phi3v.data.catalog.parse_price` reads). Text is returned unchanged."""
+    if isinstance(price, bool) or not isinstance(price, int | float):
+        return str(price)
+    if math.isfinite(price) and float(price).is_integer():
+        return str(int(price))
+    return f"{price:.2f}".rstrip("0").rstrip(".") if math.isfinite(price) else str(price)
 
 
 def parse_answer_price(text: str) -> float | None:

@@ -59,12 +59,12 @@ from phi3v.generation import generate_answers
 from phi3v.metrics import DEFAULT_ANSWER_TEMPLATE, DEFAULT_PROMPT, AnswerTemplate, sample_scores, score_predictions
 from phi3v.model.packed import varlen_available
 from phi3v.progress import attach_to_trainer
+from phi3v.runs import CHECKPOINT_PREFIX, COMPLETE_MARKER, partial_checkpoints
+from phi3v.runs import complete_checkpoints as _complete_checkpoints
 from phi3v.tracking import finish_wandb, restore_env, setup_wandb_env, snapshot_env
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-COMPLETE_MARKER = "phi3v_checkpoint.json"  # written last: a checkpoint folder without it is partial
 CONFIG_NAME = "train_config.yaml"
 SUMMARY_NAME = "training_summary.json"
 GENERATIONS_DIR = "generations"
@@ -278,24 +278,11 @@ def _fsdp_requested(args: TrainingArguments) -> bool:
     return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def _complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders whose completion marker exists, oldest step first."""
-    found = []
-    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if path.is_dir() and suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run folder (partial ones, e.g. from a crash mid-save, are skipped)."""
     output_dir = Path(output_dir)
     complete = _complete_checkpoints(output_dir)
-    partial = [
-        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not (p / COMPLETE_MARKER).is_file()
-    ]
-    for path in partial:
+    for path in partial_checkpoints(output_dir):
         logger.warning("%s is incomplete (no %s): not resuming from it", path, COMPLETE_MARKER)
     return complete[-1] if complete else None
 
