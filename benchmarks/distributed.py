@@ -15,7 +15,8 @@ from its ``training_summary.json`` and log:
 
 - ``loaded``: each rank's peak RSS once the model is loaded and wrapped by the engine (before the first step);
   ``end``: the peak over the whole run (the CPU analogue of peak device memory);
-- images/s: the median over logged steps of ``images_per_second`` (all ranks; the first step left out as warm-up);
+- images/s: the median over logged steps of ``images_per_second`` (all ranks; the first step left out as warm-up
+  when there are more);
 - the final loss (all engines see the same batches: equal up to rounding).
 
 Quoted: medians over the repeats, and ratios to DDP (or, for LoRA, to the run with the search on). The first
@@ -92,7 +93,7 @@ def run_once(engine: str, model: Path, data: Path, out: Path, steps: int) -> dic
     return {
         "loaded": summary["rank_peak_rss_mib"]["loaded"],
         "end": summary["rank_peak_rss_mib"]["end"],
-        "images_per_second": statistics.median(row["images_per_second"] for row in steps_logged[1:]),
+        "images_per_second": statistics.median(row["images_per_second"] for row in steps_logged[1:] or steps_logged),
         "final_loss": steps_logged[-1]["loss"],
     }
 
@@ -130,8 +131,9 @@ def main() -> None:
         folder = Path(tmp)
         model = wide_model(folder) if args.wide else build_model_folder(folder, "tiny", 4, None)
         data = build_prepared_catalog(folder / "data", args.rows)
-        if any(e.startswith("zero") for e in engines):  # builds DeepSpeed's CPU op once, untimed
-            run_once("zero2", model, data, folder / "warmup", 2)
+        if any(e.startswith("zero") for e in engines):  # builds DeepSpeed's CPU op once, untimed, on the tiny model
+            tiny = model if not args.wide else build_model_folder(folder / "warmup-model", "tiny", 4, None)
+            run_once("zero2", tiny, data, folder / "warmup", 2)
         results: dict[str, list[dict]] = {e: [] for e in engines}
         for round_ in range(args.repeats):
             order = engines if round_ % 2 == 0 else engines[::-1]

@@ -319,6 +319,23 @@ def test_resume_refuses_a_changed_config_and_an_empty_folder(tiny_model_dir, tin
     assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-1")
 
 
+def test_resume_from_the_runs_last_checkpoint_trains_nothing_more(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """Killed after its last checkpoint (during the final evaluation or save): the resumed run finishes with the
+    uninterrupted run's steps, loss and weights, and takes no step past max_steps."""
+    out = tmp_path / "run"
+    common = {"max_steps": 2, "save_steps": 2, "eval_strategy": "no", "learning_rate": 1e-3}
+    uninterrupted = train(_config(tiny_model_dir, tiny_dataset_dir, out, mode="full", **common))
+    final = load_file(out / "model.safetensors")
+    for name in ("model.safetensors", "config.json", "training_summary.json", "log_history.jsonl"):
+        (out / name).unlink()  # what a kill during the final save leaves: the complete checkpoint-2 only
+    resumed = train(_config(tiny_model_dir, tiny_dataset_dir, out, mode="full", **common), resume=True)
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.global_step == 2
+    assert sorted(_losses(out)) == [1, 2], "no step 3"
+    assert resumed.train_loss == pytest.approx(uninterrupted.train_loss, rel=1e-6)
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in final.items())
+
+
 # ------------------------------------------------------------------------------------------------------- failures
 class _PoisonWeights:
     """Callback that sets one weight to NaN after step ``at`` (a diverged run, made on purpose)."""

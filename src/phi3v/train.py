@@ -877,6 +877,17 @@ class Phi3VTrainer(Trainer):
             )
         wandb.log({"eval/generations": table, "train/global_step": step})
 
+    # ---- resume
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        """Train nothing when the run resumed from its own last step (killed after its last checkpoint, during the
+        final evaluation or save): transformers' loop would take one step more, past ``max_steps``, before it
+        checks the step count. Pinned transformers (constraints.txt); `tests/test_train.py` holds it to this."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            logger.info("resumed at step %d of %d: nothing left to train", self.state.global_step, self.state.max_steps)
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     # ---- checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))
