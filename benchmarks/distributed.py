@@ -3,7 +3,6 @@ fine-tuning), and LoRA under DDP with and without the unused-parameter search â€
 as ratios to DDP measured in the same run.
 
     python benchmarks/distributed.py                       # 2 CPU processes (gloo), tiny model (~6 min on 2 cores)
-    python benchmarks/distributed.py --wide                # the tiny config with a wide MLP: ~100 M parameters
     python benchmarks/distributed.py --engines ddp,fsdp2 --repeats 3
 
 Each run is a real `phi3v train` launched exactly as docs/train.md says (`torchrun --nproc_per_node 2 -m
@@ -18,6 +17,11 @@ from its ``training_summary.json`` and log:
 - images/s: the median over logged steps of ``images_per_second`` (all ranks; the first step left out as warm-up
   when there are more);
 - the final loss (all engines see the same batches: equal up to rounding).
+
+On the tiny model (272 k parameters) the RSS figures are the interpreter's; what loading costs per rank on a larger
+model is measured by `tests/test_train_engines.py`'s load probe (FSDP2 with and without
+``cpu_ram_efficient_loading``, ~100 M parameters, no training step: a training step of that model on 2 CPU
+processes does not fit this machine's 24 GiB).
 
 Quoted: medians over the repeats, and ratios to DDP (or, for LoRA, to the run with the search on). The first
 DeepSpeed launch on a machine builds DeepSpeed's CPU shared-memory op (~1-2 min, cached afterwards); an untimed
@@ -98,29 +102,12 @@ def run_once(engine: str, model: Path, data: Path, out: Path, steps: int) -> dic
     }
 
 
-def wide_model(folder: Path) -> Path:
-    """The tiny config with a 65,536-wide MLP in 8 layers (~100 M parameters, fp32), the tiny tokenizer."""
-    import torch
-
-    from phi3v.model.configuration import Phi3VConfig
-    from phi3v.model.modeling import Phi3VForCausalLM
-    from phi3v.model.processing import Phi3VProcessor
-
-    tiny = build_model_folder(folder / "tiny", "tiny", 4, None)
-    torch.manual_seed(0)
-    model = Phi3VForCausalLM(Phi3VConfig.from_name("tiny", intermediate_size=65536, num_hidden_layers=8))
-    model.save_pretrained(folder / "wide")
-    Phi3VProcessor.from_pretrained(tiny).save_pretrained(folder / "wide")
-    return folder / "wide"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA rounds (default 2)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     parser.add_argument("--rows", type=int, default=48, help="catalog rows (default 48)")
-    parser.add_argument("--wide", action="store_true", help="~100 M-parameter wide tiny model instead of tiny")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = sorted(set(engines) - set(ENGINES))
@@ -129,11 +116,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = wide_model(folder) if args.wide else build_model_folder(folder, "tiny", 4, None)
+        model = build_model_folder(folder, "tiny", 4, None)
         data = build_prepared_catalog(folder / "data", args.rows)
-        if any(e.startswith("zero") for e in engines):  # builds DeepSpeed's CPU op once, untimed, on the tiny model
-            tiny = model if not args.wide else build_model_folder(folder / "warmup-model", "tiny", 4, None)
-            run_once("zero2", tiny, data, folder / "warmup", 2)
+        if any(e.startswith("zero") for e in engines):  # builds DeepSpeed's CPU op once, untimed
+            run_once("zero2", model, data, folder / "warmup", 2)
         results: dict[str, list[dict]] = {e: [] for e in engines}
         for round_ in range(args.repeats):
             order = engines if round_ % 2 == 0 else engines[::-1]
@@ -147,10 +133,7 @@ def main() -> None:
         return statistics.median(values)
 
     print(f"machine: {machine.describe()}")
-    print(
-        f"model: {'wide tiny (~100 M parameters)' if args.wide else 'tiny'}, 2 processes, {args.steps} steps, "
-        f"{args.repeats} rounds (medians)"
-    )
+    print(f"model: tiny, 2 processes, {args.steps} steps, {args.repeats} rounds (medians)")
     print()
     print(
         "| engine | rank 0 peak RSS loaded / end (MiB) | rank 1 peak RSS loaded / end (MiB) | images/s | "
