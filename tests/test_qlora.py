@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ from phi3v.model.modeling import Phi3VForCausalLM
 from phi3v.model.processing import Phi3VProcessor
 from phi3v.quantization import lm_linear_layers, nf4_linear, nf4_round_trip
 from phi3v.train import (
-    COMPLETE_MARKER,
     TrainingError,
     _preflight,
     _quantize_lm_4bit,
@@ -36,8 +33,8 @@ from phi3v.train import (
     train,
 )
 from test_export import _answers, _logits, _test_images
-from test_train import _losses, _train_process
-from train_helpers import tiny_config_args
+from test_train import _train_process
+from train_helpers import kill_at_checkpoint, logged_losses, tiny_config_args
 
 bnb = pytest.importorskip("bitsandbytes", reason="mode qlora needs bitsandbytes: pip install 'phi3v[qlora]'")
 
@@ -97,13 +94,7 @@ def runs(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
 
     out = root / "killed"
     proc = _train_process(tiny_config_args(tiny_model_dir, tiny_dataset_dir, out, **SETTINGS))
-    deadline = time.monotonic() + 120
-    while not (out / f"checkpoint-{KILL_AFTER}" / COMPLETE_MARKER).exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, f"no checkpoint-{KILL_AFTER} within 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, out, KILL_AFTER)
     killed_at = latest_checkpoint(out)
     assert not (out / "training_summary.json").exists(), "killed before the end"
     resumed = train(_config(tiny_model_dir, tiny_dataset_dir, out), resume=True)
@@ -195,7 +186,7 @@ def test_a_killed_qlora_run_resumes_to_the_uninterrupted_runs_losses_and_adapter
     resumed, reference = runs["resumed"], runs["reference"]
     assert resumed.resumed_from == str(runs["killed_at"]) and resumed.global_step == reference.global_step == STEPS
     assert resumed.mode == "qlora" and resumed.parameters == reference.parameters
-    expected, got = _losses(reference_dir), _losses(out)
+    expected, got = logged_losses(reference_dir), logged_losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in expected.values())
     for step in expected:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,19 +33,13 @@ from phi3v.train import (
     load_train_config,
     train,
 )
-from train_helpers import tiny_config_args
+from train_helpers import kill_at_checkpoint, logged_losses, tiny_config_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(model, data, out, **overrides):
     return load_train_config(None, tiny_config_args(model, data, out, **overrides))
-
-
-def _losses(out: Path) -> dict[int, float]:
-    """Training loss per logged step, from the run's log_history.jsonl."""
-    rows = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def _initial_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +99,7 @@ def freeze_vision_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
 
 def test_full_training_lowers_the_loss(freeze_vision_run):
     summary, out = freeze_vision_run
-    losses = _losses(out)
+    losses = logged_losses(out)
     assert sorted(losses) == list(range(1, 11))
     first, last = losses[1], (losses[9] + losses[10]) / 2
     assert last < first - 0.5, losses
@@ -216,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tiny_datas
                 activation_checkpointing=flag,
             )
         )
-        runs[flag] = _losses(out)
+        runs[flag] = logged_losses(out)
     assert runs[True].keys() == runs[False].keys()
     for step in runs[False]:
         assert math.isclose(runs[True][step], runs[False][step], rel_tol=1e-4), (step, runs)
@@ -258,13 +251,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     out = tmp_path / "killed"
     args = tiny_config_args(tiny_model_dir, tiny_dataset_dir, out, **common)
     proc = _train_process(args)
-    deadline = time.monotonic() + 120
-    while not (out / f"checkpoint-{kill_after}" / COMPLETE_MARKER).exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, f"no checkpoint-{kill_after} within 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, out, kill_after)
     assert not (out / "training_summary.json").exists(), "killed before the end"
     resumed_from = latest_checkpoint(out)
     steps = common["max_steps"]
@@ -279,7 +266,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     assert summary.global_step == steps
     # the whole run's mean loss, not the mean since the resume (transformers' own training_loss)
     assert math.isclose(summary.train_loss, uninterrupted.train_loss, rel_tol=1e-6), (summary, uninterrupted)
-    expected, got = _losses(reference), _losses(out)
+    expected, got = logged_losses(reference), logged_losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
         assert math.isclose(got[step], expected[step], rel_tol=1e-4, abs_tol=1e-5), (step, expected, got)
@@ -330,7 +317,7 @@ def test_resume_from_the_runs_last_checkpoint_trains_nothing_more(tiny_model_dir
         (out / name).unlink()  # what a kill during the final save leaves: the complete checkpoint-2 only
     resumed = train(_config(tiny_model_dir, tiny_dataset_dir, out, mode="full", **common), resume=True)
     assert resumed.resumed_from.endswith("checkpoint-2") and resumed.global_step == 2
-    assert sorted(_losses(out)) == [1, 2], "no step 3"
+    assert sorted(logged_losses(out)) == [1, 2], "no step 3"
     assert resumed.train_loss == pytest.approx(uninterrupted.train_loss, rel=1e-6)
     again = load_file(out / "model.safetensors")
     assert all(torch.equal(again[k], v) for k, v in final.items())

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v.train import COMPLETE_MARKER, load_train_config, train
-from train_helpers import tiny_config_args
+from phi3v.train import load_train_config, train
+from train_helpers import kill_at_checkpoint, logged_losses, tiny_config_args
 
 LAUNCH = Path(__file__).resolve().parents[1] / "configs" / "launch"
 BIN = Path(sys.executable).parent
@@ -81,24 +79,6 @@ def run_launch(command: list[str], timeout: int = 400) -> str:
     return output
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and every process under it (torch elastic starts its workers in sessions of their own,
-    so killing the launcher's process group would leave the ranks running)."""
-    import psutil
-
-    parent = psutil.Process(proc.pid)
-    family = [*parent.children(recursive=True), parent]
-    for member in family:
-        member.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    proc.wait()
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
-
-
 @pytest.fixture(scope="module")
 def single_process_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """The same 6 steps in this process: one rank, 4 samples a step."""
@@ -131,12 +111,7 @@ def test_sharded_engine_killed_and_resumed_saves_the_single_process_model(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 400  # DeepSpeed builds its CPU shared-memory op on first use (~1-2 min)
-    while not (out / "checkpoint-2" / COMPLETE_MARKER).exists():
-        assert proc.poll() is None, proc.communicate()[0][-5000:]
-        assert time.monotonic() < deadline, "no complete checkpoint-2"
-        time.sleep(0.05)
-    kill_tree(proc)
+    kill_at_checkpoint(proc, out, 2, timeout_s=400)  # DeepSpeed builds its CPU op on first use (~1-2 min)
     assert not (out / "training_summary.json").exists(), "killed before the end"
 
     checkpoint = out / "checkpoint-2"
@@ -153,7 +128,7 @@ def test_sharded_engine_killed_and_resumed_saves_the_single_process_model(
     assert Path(summary["resumed_from"]).name in {"checkpoint-2", "checkpoint-4"}
 
     # the same trajectory as one process on the same batches (gradients reduced in fp32: within rounding)
-    expected, got = _losses(reference), _losses(out)
+    expected, got = logged_losses(reference), logged_losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, expected, got)

@@ -51,3 +51,37 @@ def tiny_config_args(model: Path, data: Path, out: Path, **overrides: object) ->
     for key, value in base.items():
         args += [f"--{key}", value if isinstance(value, str) else repr(value).replace("'", '"')]
     return args
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """Training loss per logged step, from a run's log_history.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def kill_at_checkpoint(proc, out: Path, step: int, timeout_s: float = 120) -> None:
+    """Wait until ``out/checkpoint-<step>`` is complete, then SIGKILL ``proc`` and every process under it (a launcher's
+    ranks too: torch elastic starts its workers in sessions of their own, so a process-group kill would miss them).
+
+    Fails the test, with the process's output, if it exits first or the checkpoint takes over ``timeout_s``.
+    """
+    import signal
+    import time
+
+    import psutil
+
+    from phi3v.train import COMPLETE_MARKER
+
+    deadline = time.monotonic() + timeout_s
+    while not (out / f"checkpoint-{step}" / COMPLETE_MARKER).exists():
+        assert proc.poll() is None, proc.communicate()[0][-5000:]
+        assert time.monotonic() < deadline, f"no checkpoint-{step} within {timeout_s:.0f} s"
+        time.sleep(0.05)
+    parent = psutil.Process(proc.pid)
+    family = [*parent.children(recursive=True), parent]
+    for member in family:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
