@@ -204,6 +204,16 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _end_process_group() -> None:
+    """Tear down the launcher's process group before the interpreter exits: left to interpreter teardown, a rank
+    (seen under DeepSpeed on CPU) can abort at exit with "terminate called without an active exception", failing a
+    run that trained and saved everything."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from phi3v.config import ConfigError
     from phi3v.data.collate import DatasetError
@@ -217,6 +227,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ConfigError, DatasetError, TrainingError) as err:
         print(f"phi3v train: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        _end_process_group()
     print(
         f"trained {summary.mode}: {summary.global_step} steps, train loss {summary.train_loss:.4f}; "
         f"outputs in {summary.output_dir}"
