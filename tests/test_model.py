@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from transformers import CLIPVisionModel
 from transformers.cache_utils import DynamicCache
 
@@ -59,10 +60,46 @@ def reference_official_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.parametrize("name", ["tiny", "phi-3.5-vision-instruct"])
+def test_meta_built_model_has_no_parameter_storage_and_the_real_buffers(name):
+    """`build_on_meta`: parameters on meta, every buffer real and equal to an ordinarily built model's (rotary
+    frequencies incl. longrope's, CLIP position ids), and nothing outside this thread's construction affected."""
+    import threading
+
+    config = Phi3VConfig.from_name(name)
+    built_elsewhere: dict[str, str] = {}
+
+    def build_linear_meanwhile() -> None:  # another thread builds while the meta model is being constructed
+        built_elsewhere["device"] = nn.Linear(4, 4).weight.device.type
+
+    register_parameter = nn.Module.register_parameter
+    thread = threading.Thread(target=build_linear_meanwhile)
+    with torch.device("meta"):  # the thread does not inherit this thread's device context
+        thread.start()
+        thread.join()
+    model = checkpoint.build_on_meta(Phi3VForCausalLM, config)
+    assert built_elsewhere == {"device": "cpu"}
+    assert nn.Module.register_parameter is register_parameter
+    assert nn.Linear(2, 2).weight.device.type == "cpu"  # no device context left behind
+    assert all(p.device.type == "meta" for p in model.parameters())
+    buffers = dict(model.named_buffers())
+    assert buffers and all(b.device.type == "cpu" for b in buffers.values())
+    if name == "tiny":  # an ordinary build to compare with (the full size would take 16 GB)
+        reference = dict(Phi3VForCausalLM(config).named_buffers())
+    else:  # the buffers alone: the same modules built on the CPU
+        from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+        rotary = Phi3RotaryEmbedding(config)
+        reference = {"model.rotary_emb." + k: v for k, v in rotary.named_buffers()}
+        reference["model.vision_embed_tokens.img_processor.embeddings.position_ids"] = torch.arange(577)[None]
+    assert sorted(buffers) == sorted(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(buffers[key], value, rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("name", ["phi-3-vision-128k-instruct", "phi-3.5-vision-instruct"])
 def test_full_size_meta_model_has_exactly_the_official_keys_and_shapes(name):
-    with checkpoint.empty_parameters():
-        model = Phi3VForCausalLM(Phi3VConfig.from_name(name))
+    model = checkpoint.build_on_meta(Phi3VForCausalLM, Phi3VConfig.from_name(name))
     assert all(p.device.type == "meta" for p in model.parameters())
     ours = checkpoint.official_shapes(model)
     expected = reference_official_shapes()
@@ -411,7 +448,6 @@ def test_expansion_for_beams_keeps_each_samples_own_images():
 
 
 def test_default_generation_config_keeps_the_config_token_ids():
-    with checkpoint.empty_parameters():
-        model = Phi3VForCausalLM(Phi3VConfig.from_name("phi-3-vision-128k-instruct"))
+    model = checkpoint.build_on_meta(Phi3VForCausalLM, Phi3VConfig.from_name("phi-3-vision-128k-instruct"))
     generation = model.generation_config
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 32000)

@@ -87,8 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from phi3v.model.modeling import Phi3VForCausalLM
 
     config, folder = _load_config(args.model)
-    with checkpoint.empty_parameters():
-        model = Phi3VForCausalLM(config)
+    model = checkpoint.build_on_meta(Phi3VForCausalLM, config)
     shapes = checkpoint.official_shapes(model)
     total = sum(math.prod(shape) for shape in shapes.values())
     vision = config.vision_config

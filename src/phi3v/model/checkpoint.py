@@ -20,14 +20,12 @@ Weights are safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -93,24 +91,33 @@ def official_shapes(model: Phi3VForCausalLM) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in official_state_dict(model).items()}
 
 
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real.
+def build_on_meta(model_cls: type[Phi3VForCausalLM], config: Any) -> Phi3VForCausalLM:
+    """`model_cls(config)` with every parameter on the meta device (no memory, no init cost) and real CPU buffers.
 
-    Used to build a model whose weights come from a checkpoint: `load_official_checkpoint` then assigns each tensor.
+    The model is constructed under ``torch.device("meta")``, torch's own device context (a thread-local function
+    mode: nothing is patched, other threads build as usual). The non-persistent buffers (rotary inverse frequencies,
+    CLIP position ids) are in no checkpoint, so they then get CPU storage and their values from the `_init_weights` of
+    the innermost transformers model owning them: transformers' own recipe (`_move_missing_keys_from_meta_to_device`,
+    then initialisation). An init op on the same modules' meta parameters does nothing. `load_official_checkpoint`
+    then assigns each parameter.
     """
-    register = nn.Module.register_parameter
+    from transformers import PreTrainedModel
 
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+    with torch.device("meta"):
+        model = model_cls(config)
+    owners: dict[nn.Module, PreTrainedModel] = {}
+    for owner in model.modules():  # outer models first: an inner model (CLIPVisionModel) overrides its part
+        if isinstance(owner, PreTrainedModel):
+            owners.update({module: owner for module in owner.modules() if module._buffers})
+    for module, owner in owners.items():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = torch.empty_like(buffer, device="cpu")
+        owner._init_weights(module)
+    left = [name for name, buffer in model.named_buffers() if buffer.device.type == "meta"]
+    if left:  # a module whose buffers its model's `_init_weights` does not compute
+        raise CheckpointError(f"{model_cls.__name__}: buffers not computed off the meta device: {', '.join(left)}")
+    return model
 
 
 # -- locating files ---------------------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ def scan_official_checkpoint(model: Phi3VForCausalLM, folder: str | os.PathLike)
 def load_official_checkpoint(
     model: Phi3VForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> None:
-    """Stream an official checkpoint into `model` (built under `empty_parameters()` or materialised).
+    """Stream an official checkpoint into `model` (built by `build_on_meta` or materialised).
 
     Every header is checked first (`scan_official_checkpoint`); then tensors are read one at a time, straight into
     `dtype` on `device`.

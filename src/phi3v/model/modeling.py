@@ -322,8 +322,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             attn_implementation = packed.register_varlen_attention()
         config._attn_implementation = attn_implementation or _default_attn_implementation(dtype, device)
 
-        with checkpoint.empty_parameters():
-            model = cls(config)
+        model = checkpoint.build_on_meta(cls, config)
         if device.type == "meta":  # a rank that gets its weights from rank 0 (FSDP2's cpu_ram_efficient_loading)
             checkpoint.scan_official_checkpoint(model, folder)  # the same key and shape checks; no tensor is read
             for param in model.parameters():
